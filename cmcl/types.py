@@ -1,0 +1,52 @@
+"""Shared vocabulary: modality names and the description of one continual-learning step.
+
+Words used throughout cmcl: a *step* is one stage of the continual sequence (one dataset and one
+ordered modality pair); an *update* is one optimizer step; *batch* and *epoch* mean what they
+usually do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: Known modalities in the reference declaration order (the authors' ``ModalityType`` order).
+#: The cache accepts any lowercase identifier, so a user may bring new modalities.
+MODALITIES: tuple[str, ...] = (
+    "vision", "text", "audio", "thermal", "depth", "imu", "video", "tactile", "point",
+)
+
+_MODALITY_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def check_modality_name(name: str) -> str:
+    """Return ``name`` if it is a valid modality identifier, else raise ``ValueError``."""
+    if not isinstance(name, str) or not _MODALITY_RE.match(name):
+        raise ValueError(
+            f"invalid modality name {name!r}: use a lowercase identifier such as 'text' or 'audio'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One step of a protocol as strategies see it.
+
+    Attributes:
+        index: 1-based position in the protocol (0 is reserved for "before training").
+        dataset: dataset name, e.g. ``"esc50"``.
+        modalities: the ordered pair ``(a, b)``; ``a`` is the anchor (row) side of the loss.
+        seed: a seed derived from the run seed and the step index, for any randomness a strategy
+            needs inside this step (buffer sampling, perturbations). Using it keeps resumed runs
+            identical to uninterrupted ones.
+    """
+
+    index: int
+    dataset: str
+    modalities: tuple[str, str]
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Stable identifier of the step, e.g. ``"esc50:text-audio"``."""
+        return f"{self.dataset}:{self.modalities[0]}-{self.modalities[1]}"
