@@ -158,3 +158,17 @@ def test_strategy_params_and_labels(small, tmp_path):
     listing = invoke("list", "strategies")
     assert "dns" in listing.output and "lambda_min=0.01" in listing.output
     assert invoke("list", "protocols").output.startswith("paper11: 11 steps")
+
+
+def test_parse_params_scopes_and_types():
+    from cmcl.cli import parse_params
+    from cmcl.errors import ConfigError
+
+    got = parse_params(("lambda_min=1e-3", "dns.project=update", "dns.project_bias=true"), ["vanilla", "dns"])
+    assert got == {"vanilla": {}, "dns": {"lambda_min": 1e-3, "project": "update", "project_bias": True}}
+    with pytest.raises(ConfigError, match="unknown parameter 'alpha'"):
+        parse_params(("alpha=1",), ["vanilla", "dns"])
+    with pytest.raises(ConfigError, match="not selected"):
+        parse_params(("gem.margin=1",), ["dns"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_params(("lambda_min",), ["dns"])
