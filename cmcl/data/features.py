@@ -52,6 +52,12 @@ def shard_path(root: str | os.PathLike, backbone: str, dataset: str, split: str,
     return folder / f"{split}-{shard:05d}-of-{num_shards:05d}.h5"
 
 
+def parse_shard_name(name: str) -> tuple[str, int, int] | None:
+    """``"train-00001-of-00004.h5"`` -> ``("train", 1, 4)``; ``None`` for a name that is not a shard."""
+    m = _SHARD_RE.match(name)
+    return (m.group("split"), int(m.group("index")), int(m.group("count"))) if m else None
+
+
 @dataclass(frozen=True)
 class ShardMeta:
     """Root attributes of a shard.

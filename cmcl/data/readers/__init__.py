@@ -1,0 +1,53 @@
+"""Readers of the seven CMCL datasets; see :mod:`cmcl.data.readers.base` for the contract.
+
+``READERS`` maps the dataset's cache name to its reader class; :func:`get_reader` builds one and
+rejects unknown options with the accepted ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+from cmcl.data.readers.base import NO_LABEL, DatasetReader, Record, Skip, fingerprint
+from cmcl.data.readers.clotho import Clotho
+from cmcl.data.readers.esc50 import ESC50
+from cmcl.data.readers.llvip import LLVIP
+from cmcl.data.readers.nyudv2 import NYUDv2
+from cmcl.data.readers.tvl import TVL
+from cmcl.data.readers.ucf101 import UCF101
+from cmcl.data.readers.vggsound_s import VGGSoundS
+from cmcl.errors import DatasetError
+
+#: dataset name -> reader class (literal, in protocol order).
+READERS: dict[str, type[DatasetReader]] = {
+    "ucf101": UCF101,
+    "esc50": ESC50,
+    "nyudv2": NYUDv2,
+    "clotho": Clotho,
+    "vggsound_s": VGGSoundS,
+    "tvl": TVL,
+    "llvip": LLVIP,
+}
+
+
+def reader_options(name: str) -> list[str]:
+    """Keyword options the reader of ``name`` accepts besides ``data_root`` and ``cache_dir``."""
+    params = inspect.signature(READERS[name].__init__).parameters
+    return [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "cache_dir"]
+
+
+def get_reader(name: str, data_root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+               **options) -> DatasetReader:
+    """Build the reader of dataset ``name``; raises :class:`DatasetError` on an unknown name or option."""
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(READERS)}")
+    allowed = reader_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise DatasetError(f"{name}: unknown reader option(s) {unknown}; accepted: {allowed or 'none'}")
+    return READERS[name](data_root, cache_dir=cache_dir, **options)
+
+
+__all__ = ["READERS", "NO_LABEL", "DatasetReader", "Record", "Skip", "fingerprint", "get_reader",
+           "reader_options"]
