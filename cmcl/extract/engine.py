@@ -324,6 +324,14 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
     else:
         _check_other_forms(out, encoder.name, dataset, split, path)
         if path.exists():
+            if parts_dir.is_dir():  # killed after the shard was moved into place: finish the clean-up
+                _check_identity(parts_dir / "run.json", identity)
+                failures = [f for p in _committed(parts_dir) for f in _read_part(p, ())["failures"]]
+                _write_failures(fails_path, failures)
+                shutil.rmtree(parts_dir)
+                res = _existing(path, fails_path, dataset, split, fp, len(records))
+                res.status, res.resumed_at = "resumed", len(records)
+                return res
             return _existing(path, fails_path, dataset, split, fp, len(records))
     if not records:
         raise ExtractError(f"{dataset}/{split}: no records for shard {shard} of {num_shards} "
@@ -332,13 +340,7 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
     parts_dir.mkdir(parents=True, exist_ok=True)
     run_file = parts_dir / "run.json"
     if run_file.exists():
-        before = json.loads(run_file.read_text(encoding="utf-8"))
-        created = before.pop("created_utc", "")
-        diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
-        if diff:
-            raise ExtractError(f"{parts_dir} belongs to a run with different {diff} "
-                               f"(was {[before.get(k) for k in diff]}, now {[identity.get(k) for k in diff]}); "
-                               f"pass --overwrite to start afresh")
+        created = _check_identity(run_file, identity)
     else:
         created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         tmp = run_file.with_name("run.json.tmp")
@@ -376,6 +378,21 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
         log.warning("%s/%s: %d input(s) failed and were left out; see %s", dataset, split, len(failures), fails_path)
     return ExtractResult(dataset, split, path, rows, len(records), failures, fails_path,
                          "resumed" if resumed_at else "written", resumed_at)
+
+
+def _check_identity(run_file: Path, identity: Mapping[str, Any]) -> str:
+    """Refuse to resume a run made with other records or settings; returns its start time."""
+    try:
+        before = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExtractError(f"{run_file}: unreadable ({exc}); pass --overwrite to start afresh") from None
+    created = before.pop("created_utc", "")
+    diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+    if diff:
+        raise ExtractError(f"{run_file.parent} belongs to a run with different {diff} "
+                           f"(was {[before.get(k) for k in diff]}, now {[identity.get(k) for k in diff]}); "
+                           f"pass --overwrite to start afresh")
+    return created
 
 
 def _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fails_path, *, batch_size,
