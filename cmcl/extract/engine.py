@@ -460,7 +460,7 @@ def _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fail
 def _assemble(path: Path, meta: ShardMeta, parts_dir: Path, modalities, encoder, reader, batch_size) -> int:
     """Copy the committed parts into the shard (atomic through ``FeatureWriter``)."""
     rows = 0
-    with FeatureWriter(path, meta, overwrite=True) as w:
+    with FeatureWriter(path, meta, overwrite=True, check_blocks=True) as w:
         for p in _committed(parts_dir):
             part = _read_part(p, modalities)
             if part["ids"]:
