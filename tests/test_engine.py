@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -215,8 +217,10 @@ def test_non_finite_embeddings_are_failures(clotho_root, tmp_path, monkeypatch):
 
 
 def test_every_input_failing_is_an_error(clotho_root, tmp_path):
-    with pytest.raises(ExtractError, match="every input failed"):
+    with pytest.raises(ExtractError, match="every input of this shard failed"):
         extract(FileHashEncoder(), "clotho", "test", clotho_root, tmp_path, limit=1, max_failures=5, **RUN)
+    [f] = read_failures(tmp_path / "filehash" / "clotho" / "test.failures.csv")
+    assert (f.id, f.error) == ("missing clip", "missing file")
 
 
 def test_encoder_must_cover_the_modalities(clotho_root, tmp_path):
@@ -254,6 +258,27 @@ def test_two_ranks_cover_every_id_once(how, clotho_root, reference, tmp_path):
     # a single-file run of the same split would make it ambiguous
     with pytest.raises(ExtractError, match="another sharding"):
         extract(FileHashEncoder(), "clotho", "train", clotho_root, tmp_path, environ={}, **RUN)
+
+
+def test_under_torchrun(clotho_root, reference, tmp_path):
+    """Two real torchrun processes (CPU): each rank writes its shard from RANK/WORLD_SIZE."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from cmcl.extract.engine import extract, describe\n"
+        "from cmcl.extract.encoders.filehash import FileHashEncoder\n"
+        "for r in extract(FileHashEncoder(), 'clotho', 'train', sys.argv[1], sys.argv[2], batch_size=4,\n"
+        "                 commit_every=8, progress=False):\n"
+        "    print(describe(r))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(clotho_root), str(tmp_path / "f")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train-00000-of-00002.h5" in proc.stdout and "train-00001-of-00002.h5" in proc.stdout
+    same_split(open_split(tmp_path / "f", "filehash", "clotho", "train"), reference)
 
 
 # ------------------------------------------------------------------------------------ classes

@@ -93,6 +93,16 @@ class ExtractResult:
     resumed_at: int = 0
 
 
+def describe(result: ExtractResult) -> str:
+    """One line for the CLI: what was written where, and how many inputs failed."""
+    what = {"written": "wrote", "resumed": f"resumed at record {result.resumed_at} and wrote",
+            "exists": "kept the existing"}[result.status]
+    line = f"{result.dataset}/{result.split}: {what} {result.rows} rows in {result.path}"
+    if result.failures:
+        line += f"; {len({f.id for f in result.failures})} input(s) failed, listed in {result.failures_path}"
+    return line
+
+
 # ------------------------------------------------------------------------------------ ranks
 def shard_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
     """``(shard, num_shards)`` from torchrun's ``RANK``/``WORLD_SIZE``; ``(0, 1)`` outside torchrun."""
@@ -362,7 +372,8 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
     _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fails_path,
                  batch_size=batch_size, commit_every=commit_every, workers=workers,
                  max_failures=max_failures, progress=progress, desc=f"{dataset}/{split}"
-                 + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""), tqdm=tqdm)
+                 + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""), tqdm=tqdm,
+                 position=shard if num_shards > 1 else None)
 
     extra = {k: _json_attr(v) for k, v in encoder.attributes().items()}
     extra.update({"records_fingerprint": fp, "expected_records": len(records), "failures": len(failures),
@@ -371,6 +382,8 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
     meta = ShardMeta(backbone=encoder.name, dataset=dataset, split=split, dim=int(encoder.dim),
                      modalities=modalities, normalized=True, checkpoint=encoder.checkpoint,
                      cmcl_version=__version__, created_utc=created, extra=extra)
+    if not any(_read_part(p, ())["ids"] for p in _committed(parts_dir)):
+        _write_failures(fails_path, failures)
     rows = _assemble(path, meta, parts_dir, modalities, encoder, reader, batch_size)
     _write_failures(fails_path, failures)
     shutil.rmtree(parts_dir)
@@ -396,7 +409,7 @@ def _check_identity(run_file: Path, identity: Mapping[str, Any]) -> str:
 
 
 def _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fails_path, *, batch_size,
-                 commit_every, workers, max_failures, progress, desc, tqdm) -> None:
+                 commit_every, workers, max_failures, progress, desc, tqdm, position=None) -> None:
     """Embed ``records[cursor:]`` and commit a part every ``commit_every`` records."""
     if cursor >= len(records):
         return
@@ -413,7 +426,7 @@ def _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fail
 
     block = new_block(cursor)
     bar = tqdm(total=len(records), initial=cursor, unit="item", desc=desc, disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
+               dynamic_ncols=True, smoothing=0.1, position=position)
     try:
         for (positions, tensors, fails), idx in zip(loader, batches):
             embs = {}
@@ -467,7 +480,8 @@ def _assemble(path: Path, meta: ShardMeta, parts_dir: Path, modalities, encoder,
                 w.append(part["ids"], part["labels"], part["emb"], part["text"])
                 rows += len(part["ids"])
         if rows == 0:
-            raise ExtractError(f"{path}: every input failed; nothing to write (see the failures manifest)")
+            raise ExtractError(f"{path}: every input of this shard failed and a cache file cannot be empty; "
+                               f"see the failures listed in {failures_path(path)} (or use fewer shards)")
         names = reader.class_names()
         if names:
             w.set_classes(names, {"text": _embed_classes(encoder, reader.class_texts(), batch_size)})
