@@ -376,19 +376,18 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
                  position=shard if num_shards > 1 else None)
 
     extra = {k: _json_attr(v) for k, v in encoder.attributes().items()}
-    extra.update({"records_fingerprint": fp, "expected_records": len(records), "failures": len(failures),
+    n_failed = len({f.id for f in failures})
+    extra.update({"records_fingerprint": fp, "expected_records": len(records), "failures": n_failed,
                   "shard": shard, "num_shards": num_shards, "limit": -1 if limit is None else int(limit),
                   "reader_layout": reader.layout, "records_offset": lo})
     meta = ShardMeta(backbone=encoder.name, dataset=dataset, split=split, dim=int(encoder.dim),
                      modalities=modalities, normalized=True, checkpoint=encoder.checkpoint,
                      cmcl_version=__version__, created_utc=created, extra=extra)
-    if not any(_read_part(p, ())["ids"] for p in _committed(parts_dir)):
-        _write_failures(fails_path, failures)
-    rows = _assemble(path, meta, parts_dir, modalities, encoder, reader, batch_size)
     _write_failures(fails_path, failures)
+    rows = _assemble(path, meta, parts_dir, modalities, encoder, reader, batch_size)
     shutil.rmtree(parts_dir)
     if failures:
-        log.warning("%s/%s: %d input(s) failed and were left out; see %s", dataset, split, len(failures), fails_path)
+        log.warning("%s/%s: %d input(s) failed and were left out; see %s", dataset, split, n_failed, fails_path)
     return ExtractResult(dataset, split, path, rows, len(records), failures, fails_path,
                          "resumed" if resumed_at else "written", resumed_at)
 
