@@ -138,7 +138,8 @@ def bench_engine(tmp: Path, dim: int) -> dict[str, float]:
         res = engine.extract(FileHashEncoder(dim=dim), "esc50", "all", tmp / "esc-off", tmp / f"feat{workers}",
                              workers=workers, batch_size=64, progress=False)
         n = sum(r.rows for r in res)
-        out[f"extract esc50 train+test ({n} clips, 2 modalities), workers={workers}"] = n / (time.perf_counter() - t0)
+        label = f"extract esc50 train+test ({n} clips, 2 modalities), workers={workers}"
+        out[label] = n / (time.perf_counter() - t0)
     return out
 
 
@@ -184,7 +185,8 @@ def main() -> None:
                       f"{r['total']:,.0f} | {r['mb']:,.0f} |")
         r = bench_parts(tmp, args.rows, args.dim, ("text", "audio"), args.block)
         print(f"\n| engine, 2 modalities, d = {args.dim} | rows/s |\n|---|---|")
-        print(f"| commit to part files | {r['commit']:,.0f} |\n| assemble parts into the shard | {r['assemble']:,.0f} |")
+        print(f"| commit to part files | {r['commit']:,.0f} |")
+        print(f"| assemble parts into the shard | {r['assemble']:,.0f} |")
         print("\n| decoder (filehash, one process) | items/s |\n|---|---|")
         for k, v in bench_decode(make_media(tmp), args.decode_items).items():
             print(f"| {k} | {v:,.0f} |")

@@ -134,7 +134,6 @@ def esc50_table():
 
 
 def make_esc50(root: Path, official: bool = False) -> dict:
-    import pandas as pd
 
     table = esc50_table()
     base = root / "esc50"

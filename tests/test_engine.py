@@ -56,7 +56,8 @@ def test_uninterrupted_run(reference, clotho_root):
     assert len(reference) == 30
     assert reference.ids.tolist() == sorted(reference.ids.tolist())
     assert set(reference.emb) == {"text", "audio"}
-    assert reference.text[reference.ids.tolist().index("rain on roof")] == 'Rain falls, steadily "and" softly, on a roof.'
+    caption = reference.text[reference.ids.tolist().index("rain on roof")]
+    assert caption == 'Rain falls, steadily "and" softly, on a roof.'
     assert (reference.labels == -1).all()
     meta = reference.meta
     assert meta.backbone == "filehash" and meta.dim == 64 and meta.extra["expected_records"] == 30
@@ -273,7 +274,8 @@ def test_under_torchrun(clotho_root, reference, tmp_path):
         "for r in extract(FileHashEncoder(), 'clotho', 'train', sys.argv[1], sys.argv[2], batch_size=4,\n"
         "                 commit_every=8, progress=False):\n"
         "    print(describe(r))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -10,7 +10,7 @@ import pytest
 
 import dataset_fixtures as fx
 from cmcl.data.catalog import DATASETS
-from cmcl.data.readers import READERS, get_reader
+from cmcl.data.readers import READERS, get_reader, parse_reader_options
 from cmcl.data.readers.base import NO_LABEL, split_camel_case
 from cmcl.data.readers.nyudv2 import convert_official, depth_to_png8
 from cmcl.data.readers.vggsound_s import MANIFEST_HEADER, freeze_manifest, load_manifest
@@ -31,6 +31,18 @@ def test_unknown_dataset_and_option(tmp_path):
     fx.make_llvip(tmp_path)
     with pytest.raises(DatasetError, match=r"unknown reader option\(s\) \['cap'\]"):
         get_reader("llvip", tmp_path, cap=3)
+
+
+def test_parse_reader_options():
+    assert parse_reader_options("vggsound_s", ["manifest=a=b.csv", "cap-train=5", "select=reference"]) == \
+        {"manifest": "a=b.csv", "cap_train": 5, "select": "reference"}
+    assert parse_reader_options("ucf101", ["split_set=2"]) == {"split_set": 2}
+    with pytest.raises(DatasetError, match="needs an integer"):
+        parse_reader_options("ucf101", ["split_set=two"])
+    with pytest.raises(DatasetError, match="KEY in none"):
+        parse_reader_options("llvip", ["x=1"])
+    with pytest.raises(DatasetError, match="bad reader option 'manifest'"):
+        parse_reader_options("vggsound_s", ["manifest"])
 
 
 @pytest.mark.parametrize("name", list(READERS))
@@ -243,7 +255,8 @@ def test_vggsound_manifest_errors(tmp_path):
 def test_vggsound_prepare_extracts_audio_into_cache(tmp_path):
     fx.make_vggsound(tmp_path)
     fake = tmp_path / "fake-ffmpeg"  # copies the input to the output, like an audio extraction would
-    fake.write_text(f"#!{sys.executable}\nimport shutil, sys\nshutil.copy(sys.argv[sys.argv.index('-i') + 1], sys.argv[-1])\n")
+    fake.write_text(f"#!{sys.executable}\nimport shutil, sys\n"
+                    "shutil.copy(sys.argv[sys.argv.index('-i') + 1], sys.argv[-1])\n")
     fake.chmod(0o755)
     r = get_reader("vggsound_s", tmp_path, select="available", cap_train=3, cache_dir=tmp_path / "c", ffmpeg=str(fake))
     before = fx.tree_digest(tmp_path / "vggsound")

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -111,7 +111,8 @@ def shard_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
         world = int(env.get("WORLD_SIZE", "1"))
         rank = int(env.get("RANK", "0"))
     except ValueError:
-        raise ExtractError(f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} are not integers") from None
+        raise ExtractError(f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} "
+                           f"are not integers") from None
     if world < 1 or not 0 <= rank < world:
         raise ExtractError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
     return rank, world

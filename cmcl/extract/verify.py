@@ -158,7 +158,8 @@ def _check_split(root: Path, b: str, d: str, s: str, data_root, cache_dir, optio
     missing = expected_ids - have - failed
     extra_ids = have - expected_ids
     if missing:
-        return f"{len(missing)} of the reader's {len(expected_ids)} ids are neither stored nor listed as failed: {_examples(missing)}"
+        return (f"{len(missing)} of the reader's {len(expected_ids)} ids are neither stored nor listed "
+                f"as failed: {_examples(missing)}")
     if extra_ids:
         return f"{len(extra_ids)} stored ids are not in the reader's records: {_examples(extra_ids)}"
     return ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import Any, Iterable
 
 from cmcl.data.readers.base import NO_LABEL, DatasetReader, Record, Skip, fingerprint
 from cmcl.data.readers.clotho import Clotho
@@ -37,6 +38,35 @@ def reader_options(name: str) -> list[str]:
     return [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "cache_dir"]
 
 
+def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
+    """Turn CLI ``KEY=VALUE`` strings into reader options, typed like each option's default.
+
+    Example: ``parse_reader_options("vggsound_s", ["manifest=subset.csv", "cap_train=500"])``.
+    """
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(READERS)}")
+    params = inspect.signature(READERS[name].__init__).parameters
+    allowed = reader_options(name)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in allowed:
+            raise DatasetError(f"{name}: bad reader option {pair!r}; "
+                               f"expected KEY=VALUE with KEY in {allowed or 'none'}")
+        default = params[key].default
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int):
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise DatasetError(f"{name}: reader option {key} needs an integer, got {value!r}") from None
+        else:
+            out[key] = value
+    return out
+
+
 def get_reader(name: str, data_root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                **options) -> DatasetReader:
     """Build the reader of dataset ``name``; raises :class:`DatasetError` on an unknown name or option."""
@@ -50,4 +80,4 @@ def get_reader(name: str, data_root: str | os.PathLike, *, cache_dir: str | os.P
 
 
 __all__ = ["READERS", "NO_LABEL", "DatasetReader", "Record", "Skip", "fingerprint", "get_reader",
-           "reader_options"]
+           "parse_reader_options", "reader_options"]

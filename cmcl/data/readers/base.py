@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterable, Mapping, Sequence
 
 from cmcl.errors import DatasetError
-
-log = logging.getLogger(__name__)
 
 #: Class name of samples that have none (recall-only datasets), as in the reference code.
 NO_LABEL = "no label"
@@ -209,8 +206,3 @@ def split_camel_case(name: str) -> str:
             out.append(" ")
         out.append(ch)
     return "".join(out).lower().strip()
-
-
-def as_records(rows: Iterable[tuple[str, Mapping[str, str], str]]) -> list[Record]:
-    """Build label-less records from ``(id, data, name)`` tuples."""
-    return [Record(i, dict(d), n) for i, d, n in rows]

@@ -72,7 +72,8 @@ class ESC50(DatasetReader):
         first = sorted(data.glob("train-00000-of-00002*.parquet"))
         second = sorted(data.glob("train-00001-of-00002*.parquet"))
         if len(first) > 1 or len(second) > 1:
-            raise DatasetError(f"esc50: several parquet files for one shard in {data}: {[p.name for p in first + second]}")
+            names = [p.name for p in first + second]
+            raise DatasetError(f"esc50: several parquet files for one shard in {data}: {names}")
         if first and second:
             return [first[0], second[0]]
         if first or second:
@@ -84,7 +85,8 @@ class ESC50(DatasetReader):
         return []
 
     def _audio_cache(self) -> Path:
-        key = hashlib.sha256("".join(f"{p.name}:{p.stat().st_size};" for p in self._parquets).encode()).hexdigest()[:12]
+        stamp = "".join(f"{p.name}:{p.stat().st_size};" for p in self._parquets)
+        key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
         return self._need_cache_dir("write the WAV bytes stored in the parquet files") / f"esc50-{key}" / "audio"
 
     def _index(self, split: str) -> _Index:
