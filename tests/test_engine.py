@@ -373,3 +373,47 @@ def test_shard_attributes_record_the_run(clotho_root, tmp_path):
 def open_split_ids(path):
     with FeatureShard(path) as sh:
         return sh.ids.tolist()
+
+
+# ------------------------------------------------------------------------------------ all seven
+def _fake_ffmpeg(folder: Path) -> str:
+    fake = folder / "fake-ffmpeg"  # "extracts" a short WAV track from any input; no binary needed
+    fake.write_text(f"#!{sys.executable}\nimport sys, wave\n"
+                    "with wave.open(sys.argv[-1], 'wb') as w:\n"
+                    "    w.setnchannels(2); w.setsampwidth(2); w.setframerate(44100)\n"
+                    "    w.writeframes(open(sys.argv[sys.argv.index('-i') + 1], 'rb').read()[:400])\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+@pytest.mark.parametrize("dataset", ["ucf101", "esc50", "nyudv2", "clotho", "vggsound_s", "tvl", "llvip"])
+def test_every_dataset_extracts_end_to_end(dataset, tmp_path):
+    from cmcl.data.catalog import DATASETS
+
+    data, out = tmp_path / "data", tmp_path / "features"
+    make = {"ucf101": fx.make_ucf101, "esc50": fx.make_esc50, "nyudv2": fx.make_nyudv2, "clotho": fx.make_clotho,
+            "vggsound_s": fx.make_vggsound, "tvl": fx.make_tvl, "llvip": fx.make_llvip}[dataset]
+    make(data)
+    options = {"vggsound_s": {"select": "available", "cap_train": 4, "cap_test": 3,
+                              "ffmpeg": _fake_ffmpeg(tmp_path)}}.get(dataset, {})
+    before = fx.tree_digest(data)
+    limit = 40 if dataset == "esc50" else None
+    results = extract(FileHashEncoder(), dataset, "all", data, out, limit=limit, max_failures=5,
+                      reader_options=options, **RUN)
+    assert fx.tree_digest(data) == before  # extraction never writes into the dataset
+    info = DATASETS[dataset]
+    for res in results:
+        split = open_split(out, "filehash", dataset, res.split)
+        assert split.meta.modalities == info.modalities
+        assert len(split) == res.rows == res.expected - len({f.id for f in res.failures}) > 0
+        has_text = dataset != "llvip"
+        assert (split.text is not None) == has_text
+        if "acc" in info.metrics:
+            assert len(split.class_names) == info.n_classes if dataset == "esc50" else len(split.class_names) > 1
+            assert (split.labels >= 0).all()
+        else:
+            assert split.class_names is None and (split.labels == -1).all()
+    failed = sorted(f.id for r in results for f in r.failures)
+    assert failed == {"clotho": ["missing clip"], "llvip": ["010003"]}.get(dataset, [])
+    rep = verify(out, datasets=[dataset], data_root=data, reader_options={dataset: options})
+    assert rep.ok, rep.format()
