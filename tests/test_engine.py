@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-import dataset_fixtures as fx
+from tests import dataset_fixtures as fx
 from cmcl.data.features import FeatureShard, open_split, split_files
 from cmcl.data.readers import get_reader
 from cmcl.errors import ExtractError
@@ -417,3 +417,20 @@ def test_every_dataset_extracts_end_to_end(dataset, tmp_path):
     assert failed == {"clotho": ["missing clip"], "llvip": ["010003"]}.get(dataset, [])
     rep = verify(out, datasets=[dataset], data_root=data, reader_options={dataset: options})
     assert rep.ok, rep.format()
+
+
+def test_vggsound_manifest_clip_gone_is_a_failure_not_a_substitute(tmp_path):
+    from cmcl.data.readers.vggsound_s import freeze_manifest
+
+    data = tmp_path / "data"
+    fx.make_vggsound(data)
+    manifest = freeze_manifest(data, tmp_path / "subset.csv", cap_train=3, cap_test=2)
+    final = data / "vggsound/scratch/shared/beegfs/hchen/train_data/VGGSound_final"
+    (final / "video" / "--0PQM4-hqg_000030.mp4").unlink()
+    [res] = extract(FileHashEncoder(), "vggsound_s", "train", data, tmp_path / "f", max_failures=2,
+                    reader_options={"manifest": str(manifest), "ffmpeg": _fake_ffmpeg(tmp_path)}, **RUN)
+    assert [(f.id, f.modality, f.error) for f in res.failures] == [("--0PQM4-hqg_000030", "video", "missing file")]
+    split = open_split(tmp_path / "f", "filehash", "vggsound_s", "train")
+    assert split.ids.tolist() == ["--5OkAjCI7g_000040", "--8puiAGLhs_000030"]
+    assert split.class_names.tolist() == sorted({"waterfall burbling", "bird chirping, tweeting",
+                                                 "car engine starting", "people marching"})

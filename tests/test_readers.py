@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dataset_fixtures as fx
+from tests import dataset_fixtures as fx
 from cmcl.data.catalog import DATASETS
 from cmcl.data.readers import READERS, get_reader, parse_reader_options
 from cmcl.data.readers.base import NO_LABEL, split_camel_case
