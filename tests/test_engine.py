@@ -190,7 +190,7 @@ def bad_llvip(tmp_path):
 def test_bad_media_go_to_the_failures_manifest(bad_llvip, tmp_path):
     out = tmp_path / "features"
     run = dict(batch_size=2, commit_every=2, progress=False)
-    with pytest.raises(ExtractError, match="3 inputs failed, more than --max-failures 2.*resumes at record 6"):
+    with pytest.raises(ExtractError, match=r"3 input\(s\) failed, more than --max-failures 2.*resumes at record 6"):
         extract(FileHashEncoder(), "llvip", "train", bad_llvip, out, max_failures=2, **run)
     assert len(read_failures(out / "filehash" / "llvip" / "train.failures.csv")) == 3  # listed at once
     [res] = extract(FileHashEncoder(), "llvip", "train", bad_llvip, out, max_failures=3, **run)

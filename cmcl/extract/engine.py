@@ -458,7 +458,7 @@ def _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fail
             n_failed = len({f.id for f in failures}) + len({f.id for f in block["failures"]})
             if n_failed > max_failures:
                 _write_failures(fails_path, failures + block["failures"])
-                raise ExtractError(f"{n_failed} inputs failed, more than --max-failures {max_failures}; "
+                raise ExtractError(f"{n_failed} input(s) failed, more than --max-failures {max_failures}; "
                                    f"they are listed in {fails_path}. Fix them, or raise --max-failures "
                                    f"and run again: the run resumes at record {block['start']}")
             end = idx[-1] + 1
