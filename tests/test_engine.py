@@ -434,3 +434,17 @@ def test_vggsound_manifest_clip_gone_is_a_failure_not_a_substitute(tmp_path):
     assert split.ids.tolist() == ["--5OkAjCI7g_000040", "--8puiAGLhs_000030"]
     assert split.class_names.tolist() == sorted({"waterfall burbling", "bird chirping, tweeting",
                                                  "car engine starting", "people marching"})
+
+
+def test_item_with_an_odd_preprocessed_shape_is_a_failure(clotho_root, tmp_path, monkeypatch):
+    from cmcl.extract.encoders import filehash
+
+    orig = filehash._preprocess
+
+    def preprocess(modality, item):
+        x = orig(modality, item)
+        return x[:7] if modality == "audio" and str(item).endswith("clip 004.wav") else x
+    monkeypatch.setattr(filehash, "_preprocess", preprocess)
+    [res] = extract(FileHashEncoder(), "clotho", "train", clotho_root, tmp_path, max_failures=1, **RUN)
+    [f] = res.failures
+    assert (f.id, f.modality) == ("clip 004", "audio") and "shape (7,)" in f.error and res.rows == 29

@@ -170,18 +170,29 @@ class _Items(Dataset):
             except Exception as exc:  # any decoder error is a bad input, recorded with its message
                 fails.append(Failure(rec.id, m, "" if m == "text" else str(item),
                                      f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]))
-        return i, out, fails
+        return i, out, fails, rec
 
 
 def _collate(items):
-    """Stack the good items of a batch per modality; keep failures aside."""
-    good = [(i, out) for i, out, fails in items if not fails]
-    fails = [f for _, _, fs in items for f in fs]
-    positions = [i for i, _ in good]
-    tensors = {}
+    """Stack the good items of a batch per modality; keep failures aside.
+
+    Preprocessors return one fixed shape per modality; an item whose tensor has another shape than
+    most of its batch is a bad input (e.g. a clip too short to sample), recorded as a failure.
+    """
+    fails = [f for _, _, fs, _ in items for f in fs]
+    good = [(i, out, rec) for i, out, fs, rec in items if not fs]
     if good:
         for m in good[0][1]:
-            tensors[m] = torch.stack([out[m] for _, out in good])
+            shapes = [tuple(out[m].shape) for _, out, _ in good]
+            common = max(set(shapes), key=shapes.count)
+            for (i, out, rec), shape in zip(good, shapes):
+                if shape != common:
+                    fails.append(Failure(rec.id, m, "" if m == "text" else str(rec.data.get(m, "")),
+                                         f"preprocessed to shape {shape}, the batch's items to {common}"))
+            bad = {f.id for f in fails}
+            good = [g for g in good if g[2].id not in bad]
+    positions = [i for i, _, _ in good]
+    tensors = {m: torch.stack([out[m] for _, out, _ in good]) for m in (good[0][1] if good else ())}
     return positions, tensors, fails
 
 
