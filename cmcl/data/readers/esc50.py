@@ -65,6 +65,7 @@ class ESC50(DatasetReader):
 
     @property
     def layout(self) -> str:
+        """``"reference"`` or ``"official"``, whichever was found."""
         return self._layout
 
     def _find_parquets(self) -> list[Path]:

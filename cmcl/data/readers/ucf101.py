@@ -43,6 +43,7 @@ class UCF101(DatasetReader):
 
     @property
     def layout(self) -> str:
+        """``"reference"`` or ``"official"``, whichever was found."""
         return self._layout
 
     def _record(self, cls: str, path: Path) -> Record:

@@ -58,6 +58,7 @@ class _Row:
 
     @property
     def id(self) -> str:
+        """``<ytid>_<start:06d>``, the reference id."""
         return f"{self.ytid}_{self.start:06d}"
 
 
@@ -161,6 +162,7 @@ class VGGSoundS(DatasetReader):
 
     @property
     def layout(self) -> str:
+        """The layout and how the subset is chosen, e.g. ``"reference (manifest)"``."""
         return f"reference ({self.select})"
 
     def rows(self) -> list[_Row]:
