@@ -317,3 +317,14 @@ def test_llvip(tmp_path):
 def test_data_root_may_be_the_dataset_folder(tmp_path):
     fx.make_llvip(tmp_path)
     assert [x.id for x in get_reader("llvip", tmp_path / "llvip").records("test")] == ["190001", "190002"]
+
+
+def test_fingerprint_ignores_paths_but_not_content(tmp_path):
+    from cmcl.data.readers import fingerprint
+
+    fx.make_ucf101(tmp_path / "a")
+    fx.make_ucf101(tmp_path / "b", official=True)
+    a, b = get_reader("ucf101", tmp_path / "a"), get_reader("ucf101", tmp_path / "b")
+    assert fingerprint(a.records("train")) == fingerprint(b.records("train"))
+    assert fingerprint(a.records("train")) != fingerprint(a.records("train")[1:])
+    assert fingerprint(a.records("train")) != fingerprint(a.records("test"))

@@ -185,15 +185,16 @@ class DatasetReader(abc.ABC):
 
 
 def fingerprint(records: Sequence[Record]) -> str:
-    """A short hash of ids, names, labels and inputs, to tell whether a resumed run sees the same split."""
+    """A short hash of ids, class names, labels and captions (not file paths).
+
+    Tells whether a resumed or repeated run sees the same samples; moving the dataset folder, or
+    reading another layout of the same dataset, keeps it.
+    """
     h = hashlib.sha256()
     for r in records:
-        h.update(r.id.encode())
-        h.update(b"\0")
-        h.update(r.name.encode())
-        h.update(str(r.label).encode())
-        for m in sorted(r.data):
-            h.update(b"\1" + m.encode() + b"\2" + r.data[m].encode())
+        for part in (r.id, r.name, str(r.label), r.text if r.text is not None else "\x00"):
+            h.update(part.encode())
+            h.update(b"\x1f")
         h.update(b"\n")
     return h.hexdigest()[:16]
 
