@@ -37,6 +37,10 @@ def test_parse_reader_options():
     assert parse_reader_options("vggsound_s", ["manifest=a=b.csv", "cap-train=5", "select=reference"]) == \
         {"manifest": "a=b.csv", "cap_train": 5, "select": "reference"}
     assert parse_reader_options("ucf101", ["split_set=2"]) == {"split_set": 2}
+    both = ["vggsound_s.manifest=m.csv", "ucf101.split_set=3"]
+    assert parse_reader_options("ucf101", both) == {"split_set": 3}
+    assert parse_reader_options("vggsound_s", both) == {"manifest": "m.csv"}
+    assert parse_reader_options("llvip", both) == {}
     with pytest.raises(DatasetError, match="needs an integer"):
         parse_reader_options("ucf101", ["split_set=two"])
     with pytest.raises(DatasetError, match="KEY in none"):

@@ -41,7 +41,11 @@ def reader_options(name: str) -> list[str]:
 def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
     """Turn CLI ``KEY=VALUE`` strings into reader options, typed like each option's default.
 
-    Example: ``parse_reader_options("vggsound_s", ["manifest=subset.csv", "cap_train=500"])``.
+    ``DATASET.KEY=VALUE`` applies to that dataset only (other datasets ignore it), so one command
+    line can carry options for several datasets.
+
+    Example: ``parse_reader_options("vggsound_s", ["manifest=subset.csv", "ucf101.split_set=2"])``
+    gives ``{"manifest": "subset.csv"}``.
     """
     if name not in READERS:
         raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(READERS)}")
@@ -51,6 +55,11 @@ def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("-", "_")
+        scope, dot, rest = key.partition(".")
+        if dot and scope in READERS:
+            if scope != name:
+                continue
+            key = rest
         if not sep or key not in allowed:
             raise DatasetError(f"{name}: bad reader option {pair!r}; "
                                f"expected KEY=VALUE with KEY in {allowed or 'none'}")
