@@ -70,7 +70,7 @@ def test_uninterrupted_run(reference, clotho_root):
 
 
 # ------------------------------------------------------------------------------------ kills
-def _killed_run(point: str, root: str, out: str) -> None:
+def _killed_run(point: str, root: str, out: str, workers: int = 0) -> None:
     """Child process: extraction that dies (``os._exit``, no cleanup) at ``point``."""
     kind, _, nth = point.partition(":")
     nth = int(nth or 1)
@@ -121,7 +121,7 @@ def _killed_run(point: str, root: str, out: str) -> None:
             return orig_rmtree(path, *a, **k)
         orig_rmtree = shutil.rmtree
         engine.shutil.rmtree = rmtree
-    extract(FileHashEncoder(), "clotho", "train", root, out, **RUN)
+    extract(FileHashEncoder(), "clotho", "train", root, out, workers=workers, **RUN)
     os._exit(0)
 
 
@@ -143,6 +143,16 @@ def test_resume_after_kill_gives_identical_shard(point, clotho_root, reference, 
     leftovers = sorted(p.name for p in target.parent.iterdir())
     assert leftovers == ["train.failures.csv", "train.h5"]
     assert verify(tmp_path, datasets=["clotho"], splits=["train"], data_root=clotho_root).ok
+
+
+def test_resume_after_kill_with_worker_processes(clotho_root, reference, tmp_path):
+    child = mp.get_context("fork").Process(target=_killed_run, args=("encode:4", str(clotho_root), str(tmp_path), 2))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+    [res] = extract(FileHashEncoder(), "clotho", "train", clotho_root, tmp_path, workers=2, **RUN)
+    assert res.resumed_at == 8
+    same_split(open_split(tmp_path, "filehash", "clotho", "train"), reference)
 
 
 def test_workers_and_batching_do_not_change_rows(clotho_root, reference, tmp_path):
