@@ -207,7 +207,7 @@ def write_synthetic(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), *
         n_train, n_test = cfg.sizes(info)
         meta = ShardMeta(backbone=BACKBONE, dataset=name, split=split, dim=cfg.dim, modalities=info.modalities,
                          normalized=True, checkpoint="", extra={"synthetic_config": stamp})
-        with FeatureWriter(path, meta, overwrite=True) as w:
+        with FeatureWriter(path, meta, overwrite=True, check_blocks=True) as w:
             for ids, labels, emb in ds.rows(split, n_train if split == "train" else n_test):
                 w.append(ids, labels, emb)
             if info.n_classes and "text" in info.modalities:
