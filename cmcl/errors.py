@@ -24,3 +24,7 @@ class ConfigError(CMCLError):
 
 class RunError(CMCLError):
     """A run directory is missing, incomplete or made with a different configuration."""
+
+
+class EncoderError(CMCLError):
+    """An encoder cannot be built: a missing or mismatched checkpoint, tokenizer file or media file."""
