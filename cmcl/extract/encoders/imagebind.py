@@ -134,8 +134,12 @@ class ImageBindEncoder(Encoder):
     def load(cls, checkpoint: str | os.PathLike | None = None, *, random_weights: str | None = None,
              device: str | torch.device | None = None, fp16: bool = False,
              tokenizer: str | os.PathLike | None = None, trust_pickle: bool = False,
-             **_: Any) -> "ImageBindEncoder":
-        """Load the released weights, or build ``random_weights`` (``"tiny"``/``"huge"``) at random."""
+             config: ImageBindConfig = HUGE, **_: Any) -> "ImageBindEncoder":
+        """Load the released weights, or build ``random_weights`` (``"tiny"``/``"huge"``) at random.
+
+        ``config`` is the architecture the checkpoint must match (the released one by default; the
+        tests pass the tiny one).
+        """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if random_weights:
             if random_weights not in CONFIGS:
@@ -149,14 +153,15 @@ class ImageBindEncoder(Encoder):
         path = cls.checkpoint_path(checkpoint)
         state = cls.read_state(path, trust_pickle=trust_pickle)
         state, extra = cls.split_state(state)
-        net = build_imagebind(HUGE, device="meta")
+        net = build_imagebind(config, device="meta")
         report = load_strict(net, state, str(path))
         bpe = find_bpe(tokenizer, path)
         if bpe is None:
             raise EncoderError(f"{cls.name}: no tokenizer file; expected {BPE_NAME} (download: {BPE_SOURCE}); "
                                f"pass it with --tokenizer PATH, set {BPE_ENV}, or put it next to {path}")
+        name = next((k for k, v in CONFIGS.items() if v == config), "custom")
         return cls(net, ClipTokenizer.from_bpe_gz(bpe), checkpoint=str(path), device=device, fp16=fp16,
-                   report=report, extra_state=extra)
+                   report=report, extra_state=extra, config_name=name)
 
     @classmethod
     def checkpoint_path(cls, given: str | os.PathLike | None) -> Path:
@@ -176,11 +181,12 @@ class ImageBindEncoder(Encoder):
         return state, {}
 
     @classmethod
-    def check_checkpoint(cls, checkpoint: str | os.PathLike | None, *, trust_pickle: bool = False) -> KeyReport:
+    def check_checkpoint(cls, checkpoint: str | os.PathLike | None, *, trust_pickle: bool = False,
+                         config: ImageBindConfig = HUGE, **_: Any) -> KeyReport:
         """Compare the file's keys and shapes with the full-size network, without loading tensor data."""
         path = cls.checkpoint_path(checkpoint)
         state, extra = cls.split_state(cls.read_state(path, trust_pickle=trust_pickle))
-        net = build_imagebind(HUGE, device="meta")
+        net = build_imagebind(config, device="meta")
         return compare_keys(expected_shapes(net), shapes_of(state), ignored=extra)
 
     # ------------------------------------------------------------------ Encoder interface
