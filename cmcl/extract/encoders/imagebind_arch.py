@@ -306,4 +306,5 @@ def build_imagebind(cfg: ImageBindConfig, *, device: str | torch.device = "cpu",
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
     with torch.device(device):
-        return ImageBindNet(cfg).eval()
+        net = ImageBindNet(cfg).eval()
+    return net.requires_grad_(False)
