@@ -18,11 +18,13 @@ from cmcl.errors import EncoderError
 from cmcl.extract.encoders.base import Encoder
 from cmcl.extract.encoders.checkpoints import KeyReport
 from cmcl.extract.encoders.imagebind import ImageBindEncoder
+from cmcl.extract.encoders.languagebind import LanguageBindEncoder
 from cmcl.extract.encoders.unibind import UniBindEncoder, load_class_centres
 
 #: backbone name -> Encoder subclass. Real encoders register here by name (literal dict, no scan).
 ENCODERS: dict[str, type[Encoder]] = {
     "imagebind": ImageBindEncoder,
+    "languagebind": LanguageBindEncoder,
     "unibind": UniBindEncoder,
 }
 
