@@ -17,18 +17,25 @@ import json
 import os
 from pathlib import Path
 
-import regex
 import torch
 
 from cmcl.errors import EncoderError
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-_PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE,
-)
+_PATTERN_TEXT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 #: merges used by the released CLIP vocabulary (49152 - 256 - 2 lines after the header).
 CLIP_MERGES = 49152 - 256 - 2
+
+
+@functools.lru_cache(maxsize=1)
+def _pattern():
+    """CLIP's pre-tokenisation pattern; needs the ``regex`` package for ``\\p{L}`` classes."""
+    try:
+        import regex
+    except ImportError:
+        raise EncoderError("text tokenisation needs the 'regex' package: pip install 'cmcl[imagebind]' "
+                           "(or [languagebind], [unibind])") from None
+    return regex.compile(_PATTERN_TEXT, regex.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,7 +167,7 @@ class ClipTokenizer:
         """BPE ids of ``text`` without SOT/EOT."""
         table = byte_to_unicode()
         ids = []
-        for piece in _PATTERN.findall(clean_text(text, self.use_ftfy)):
+        for piece in _pattern().findall(clean_text(text, self.use_ftfy)):
             if piece in (SOT, EOT):
                 ids.append(self.encoder[piece])
                 continue
