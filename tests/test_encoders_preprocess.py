@@ -278,3 +278,31 @@ def test_languagebind_audio_short_and_long(tmp_path):
     long = P.languagebind_audio(write_wav(tmp_path / "l.wav", 12.0, 16000, freq=300))
     assert long.shape == (3, 112, 1036)
     assert not torch.isnan(long).any()
+
+
+# Golden values computed once with torchaudio 2.11's own resample and compliance.kaldi.fbank
+# (pure-torch code run with a stand-in torchaudio module; our implementation matched them to
+# 1.2e-7 for resampling and exactly for the filterbank at 128, 112 and 80 bins).
+def _golden_signal() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    x = 0.1 * rng.standard_normal(44100) + 0.3 * np.sin(np.arange(44100) * 0.05)
+    return torch.from_numpy(x.astype(np.float32))[None]
+
+
+def test_resample_matches_torchaudio_golden_values():
+    y = P.resample(_golden_signal(), 44100, 16000)
+    assert y.shape == (1, 16000)
+    want = [0.01998630352318287, 0.03925684839487076, 0.22172199189662933, -0.15274697542190552,
+            -0.1163947656750679]
+    assert torch.allclose(y[0, [0, 1, 100, 5000, 15999]], torch.tensor(want), atol=1e-6)
+
+
+def test_fbank_128_bins_matches_torchaudio_golden_values():
+    w = P.resample(_golden_signal(), 44100, 16000)
+    spec = P.kaldi_fbank(w[:, :8000], 16000, 128)
+    assert spec.shape == (48, 128)
+    want = [[-8.72619915008545, -11.706807136535645, -1.6631795167922974, 1.7278752326965332],
+            [-8.107640266418457, -9.584480285644531, -0.7905012369155884, 1.455482006072998],
+            [-6.546211242675781, -10.39040756225586, -1.6139096021652222, 1.6106741428375244]]
+    got = spec[[0, 10, 40]][:, [0, 5, 64, 127]]
+    assert torch.allclose(got, torch.tensor(want), atol=1e-4)
