@@ -284,3 +284,16 @@ def test_extract_items_rejects_unknown_modality_and_missing_items(tmp_path, medi
     with pytest.raises(EncoderError, match="has no 'audio' item"):
         extract_items(enc, "toy", "b", [{"id": "x", "text": "t"}], tmp_path, modalities=("text", "audio"))
     assert not (tmp_path / "imagebind" / "toy" / "b.h5").exists()
+
+
+@pytest.mark.parametrize("name", ["imagebind", "unibind", "languagebind"])
+def test_preprocessors_are_picklable_for_worker_processes(name, media):
+    enc = load_encoder(name, random_weights="tiny", device="cpu")
+    for m in ("vision", "text", "audio", "video", "depth", "thermal"):
+        prep = pickle.loads(pickle.dumps(enc.preprocessor(m)))
+        assert torch.equal(prep(media[m]), enc.preprocessor(m)(media[m])), m
+
+
+def test_checkpoint_that_is_a_folder_is_reported(tmp_path):
+    with pytest.raises(EncoderError, match="is not a file"):
+        load_encoder("imagebind", checkpoint=tmp_path)

@@ -306,3 +306,45 @@ def test_fbank_128_bins_matches_torchaudio_golden_values():
             [-6.546211242675781, -10.39040756225586, -1.6139096021652222, 1.6106741428375244]]
     got = spec[[0, 10, 40]][:, [0, 5, 64, 127]]
     assert torch.allclose(got, torch.tensor(want), atol=1e-4)
+
+
+class _FakeFrame:
+    def __init__(self, value: int, pts: int) -> None:
+        self.value, self.pts = value, pts
+
+    def to_ndarray(self, format: str) -> np.ndarray:
+        assert format == "rgb24"
+        return np.full((48, 64, 3), self.value, dtype=np.uint8)
+
+
+def test_pyav_decoding_uses_frame_timestamps(monkeypatch, tmp_path):
+    """PyAV is optional; a stand-in with PyAV's interface checks timestamp and duration handling."""
+    from fractions import Fraction
+    import sys
+    import types
+
+    class Container:
+        def __init__(self) -> None:
+            self.streams = types.SimpleNamespace(video=[types.SimpleNamespace(
+                time_base=Fraction(1, 1000), duration=6000, average_rate=Fraction(10))])
+            self.duration = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def decode(self, stream):
+            # a stream starting at 0.5 s: pts in milliseconds, 10 fps, 60 frames
+            return (_FakeFrame(4 * i, 500 + 100 * i) for i in range(60))
+
+    fake = types.ModuleType("av")
+    fake.open = lambda path: Container()
+    fake.error = types.SimpleNamespace(FFmpegError=RuntimeError)
+    monkeypatch.setitem(sys.modules, "av", fake)
+    video = P.decode_video(tmp_path / "clip.mp4")
+    assert video.frames.shape == (60, 48, 64, 3) and video.duration == 6.0
+    assert video.times[0] == 0.0 and video.times[1] == pytest.approx(0.1)
+    frames, fps = video_frames(60, 10.0)
+    assert torch.allclose(P.imagebind_video(tmp_path / "clip.mp4"), P.imagebind_video((frames, fps)))

@@ -29,7 +29,12 @@ IGNORABLE_SUFFIXES = (".position_ids",)
 def missing_checkpoint_error(backbone: str, what: str, source: str, option: str, env: str,
                              path: str | os.PathLike | None = None) -> EncoderError:
     """The one-line error for an absent checkpoint: what file, where to get it, how to point at it."""
-    where = f"{path} does not exist; " if path else "no checkpoint given; "
+    if path is None:
+        where = "no checkpoint given; "
+    elif Path(path).exists():
+        where = f"{path} is not a file; "
+    else:
+        where = f"{path} does not exist; "
     return EncoderError(f"{backbone}: {where}expected {what} (download: {source}); pass it with "
                         f"{option} PATH or set {env}=PATH, or use --random-weights tiny for a smoke test")
 

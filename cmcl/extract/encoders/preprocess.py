@@ -242,7 +242,7 @@ def decode_video(item: Any) -> DecodedVideo:
     if isinstance(item, tuple):
         frames, fps = item
         frames = np.asarray(frames, dtype=np.uint8)
-        times = np.arange(len(frames), dtype=np.float64) / float(fps)
+        times = np.asarray([float(Fraction(i) / Fraction(fps)) for i in range(len(frames))])
         return DecodedVideo(frames, times, len(frames) / float(fps))
     try:
         import av
@@ -252,22 +252,25 @@ def decode_video(item: Any) -> DecodedVideo:
     try:
         with av.open(str(item)) as container:
             stream = container.streams.video[0]
-            frames, times = [], []
+            base = Fraction(stream.time_base) if stream.time_base else None
+            rate = Fraction(stream.average_rate) if stream.average_rate else Fraction(30)
+            frames, stamps = [], []
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(float(frame.pts * stream.time_base) if frame.pts is not None else len(times) / float(stream.average_rate))
-            if stream.duration is not None:
-                duration = float(stream.duration * stream.time_base)
+                # exact rational timestamps, so clip boundaries compare like upstream's
+                stamps.append(frame.pts * base if frame.pts is not None and base else len(stamps) / rate)
+            if stream.duration is not None and base:
+                duration = float(stream.duration * base)
             elif container.duration is not None:
                 duration = container.duration / 1_000_000
             else:
-                duration = times[-1] + 1.0 / float(stream.average_rate) if times else 0.0
+                duration = float(stamps[-1] - stamps[0] + 1 / rate) if stamps else 0.0
     except (OSError, ValueError, av.error.FFmpegError) as exc:  # type: ignore[attr-defined]
         raise EncoderError(f"{item}: cannot decode video ({exc})") from None
     if not frames:
         raise EncoderError(f"{item}: no video frames")
-    t0 = times[0]
-    return DecodedVideo(np.stack(frames), np.asarray(times) - t0, duration)
+    times = np.asarray([float(t - stamps[0]) for t in stamps], dtype=np.float64)
+    return DecodedVideo(np.stack(frames), times, duration)
 
 
 def imagebind_video(item: Any, size: int = 224, clip_duration: float = 2.0, clips: int = 5,
