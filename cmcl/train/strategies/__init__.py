@@ -1,0 +1,80 @@
+"""Strategy registry: a literal dict from name (= module stem) to class.
+
+Add a method by writing ``strategies/<name>.py`` with a :class:`~cmcl.train.strategies.base.Strategy`
+subclass and listing it here; the trainer is never edited.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from cmcl.errors import ConfigError
+from cmcl.train.strategies.base import Objective, Strategy
+from cmcl.train.strategies.dns import DNS
+from cmcl.train.strategies.vanilla import Vanilla
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "vanilla": Vanilla,
+    "dns": DNS,
+}
+
+#: The paper's Table 2 order; strategies not listed follow alphabetically.
+PAPER_ORDER = ("vanilla", "gem", "der", "derpp", "ewc", "co2l", "cflat", "cila", "dns")
+
+
+def strategy_order(names: list[str] | tuple[str, ...] | set[str]) -> list[str]:
+    """Sort strategy names (or labels starting with a name) in the paper's order."""
+    def key(label: str) -> tuple[int, str]:
+        base = label.split("[", 1)[0]
+        return (PAPER_ORDER.index(base) if base in PAPER_ORDER else len(PAPER_ORDER), label)
+    return sorted(names, key=key)
+
+
+def all_strategies() -> list[str]:
+    """Every registered strategy, in the paper's order (what ``--strategy all`` runs)."""
+    return strategy_order(list(STRATEGIES))
+
+
+def strategy_parameters(name: str) -> dict[str, Any]:
+    """The keyword-only hyperparameters of a strategy and their defaults."""
+    cls = _lookup(name)
+    sig = inspect.signature(cls.__init__)
+    return {p.name: p.default for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+def _lookup(name: str) -> type[Strategy]:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(all_strategies())} or 'all'") from None
+
+
+def resolve_params(name: str, params: Mapping[str, Any], backbone: str | None = None) -> dict[str, Any]:
+    """Defaults, then the backbone's overrides, then ``params``; unknown keys are rejected."""
+    cls = _lookup(name)
+    accepted = strategy_parameters(name)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        listing = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "none"
+        raise ConfigError(f"strategy {name!r} has no parameter {', '.join(unknown)}; accepted: {listing}")
+    resolved = dict(accepted)
+    if backbone is not None:
+        resolved.update(cls.backbone_defaults.get(backbone, {}))
+    resolved.update(params)
+    return resolved
+
+
+def get_strategy(name: str, backbone: str | None = None, **params: Any) -> Strategy:
+    """Build a strategy from its name and hyperparameters (see :func:`resolve_params`)."""
+    resolved = resolve_params(name, params, backbone)
+    try:
+        strategy = STRATEGIES[name](**resolved)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"strategy {name!r}: {exc}") from None
+    strategy._hparams = resolved
+    return strategy
+
+
+__all__ = ["STRATEGIES", "PAPER_ORDER", "Objective", "Strategy", "all_strategies", "get_strategy",
+           "resolve_params", "strategy_order", "strategy_parameters"]

@@ -1,0 +1,115 @@
+"""The strategy interface: the trainer owns the loop, strategies only hook into it.
+
+The trainer (:mod:`cmcl.train.trainer`) runs, for every protocol step::
+
+    strategy.before_step(step, data)            # projectors, teacher snapshot, coefficients
+    train = strategy.training_set(step, data)   # default: data; replay methods add their buffer
+    fresh optimizer and scheduler
+    for each epoch, for each batch of `train`:
+        losses, out = strategy.compute_gradients(closure)   # default: closure() once
+        clip gradients (reference harness)
+        strategy.before_update(batch, out)      # the only hook that edits .grad (in place)
+        optimizer.step(); scheduler.step()
+        strategy.after_update(batch, out)       # e.g. reservoir insertion
+    strategy.after_step(step, data)             # covariances, Fisher, buffer fill
+    evaluation of every step's test split
+
+The closure zeroes gradients (``set_to_none=True``), runs ``learners.forward_pairs(batch)``, calls
+``strategy.losses(batch, out)`` and back-propagates the sum of the returned ``*_loss`` terms.
+
+Rules every strategy follows (checked by ``tests/test_strategy_contract.py``): hooks never step the
+optimizer; ``losses`` returns finite scalars keyed ``*_loss``; step 1 needs no special case;
+learners the batch does not use keep ``grad is None``; ``state_dict`` round-trips through a
+checkpoint (tensors, numbers, strings, lists and dicts only, loadable with ``weights_only=True``).
+Hyperparameters are keyword-only ``__init__`` arguments with defaults; the registry rejects
+unknown ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+from cmcl.data.paired import PairedFeatures
+from cmcl.train.learners import ModalityLearners, PairOutput
+from cmcl.train.objective import info_nce
+from cmcl.types import StepInfo
+
+Losses = dict[str, torch.Tensor]
+Closure = Callable[[], tuple[Losses, PairOutput]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The base contrastive loss with the run's settings (temperature, direction)."""
+
+    temperature: float = 1.0
+    direction: str = "a2b"
+
+    def __call__(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return info_nce(u, v, temperature=self.temperature, direction=self.direction)
+
+
+class Strategy:
+    """Base class: plain sequential fine-tuning; every hook is a no-op or the identity.
+
+    Subclasses set :attr:`name` (equal to their module stem), take hyperparameters as keyword-only
+    ``__init__`` arguments, and override only the hooks they need.
+    """
+
+    name: ClassVar[str] = ""
+    #: Per-backbone overrides of hyperparameter defaults (e.g. DNS's ``lambda_min``).
+    backbone_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    def setup(self, learners: ModalityLearners, objective: Objective) -> None:
+        """Called once before the first step; stores references."""
+        self.learners = learners
+        self.objective = objective
+
+    def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        """Called before the optimizer of ``step`` is built."""
+
+    def training_set(self, step: StepInfo, data: PairedFeatures) -> PairedFeatures:
+        """The rows batched during ``step`` (default: the step's own data)."""
+        return data
+
+    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
+        """Loss terms of a batch; every key ends in ``_loss`` and the trainer sums them."""
+        return {"contrastive_loss": self.objective(out.u, out.v)}
+
+    def compute_gradients(self, closure: Closure) -> tuple[Losses, PairOutput]:
+        """Fill ``.grad``; methods needing several evaluations call ``closure`` more than once."""
+        return closure()
+
+    def before_update(self, batch: PairedFeatures, out: PairOutput) -> None:
+        """After clipping, before ``optimizer.step()``: may edit ``.grad`` in place."""
+
+    def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
+        """After ``optimizer.step()``."""
+
+    def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        """After the last update of ``step``, before it is evaluated."""
+
+    def report(self) -> dict[str, float]:
+        """Scalars logged with the step's metrics (projector ranks, penalties...)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume after the current step."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if state:
+            raise ValueError(f"strategy {self.name!r} has no state, got keys {sorted(state)}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The resolved hyperparameters (recorded in the run's config)."""
+        return dict(getattr(self, "_hparams", {}))
+
+
+def active_params(learners: ModalityLearners, modalities: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Weight and bias of the learners of ``modalities``."""
+    return [p for m in modalities for p in learners[m].parameters()]

@@ -1,0 +1,214 @@
+"""DNS: dual-sided null-space gradient projection (the CMCL paper, Theorem 4 and Algorithm 1).
+
+For the pair (a, b) trained at a step, each active learner's weight gradient G is replaced by
+``G - Q G P`` before the optimizer step, where
+
+* ``P`` (input side) projects onto the span of this modality's inputs from every earlier step that
+  trained it: the leading eigenvectors (eigenvalue > ``lambda_min``) of the running uncentred
+  covariance ``C_in[m]``, accumulated with the weights n̄_{t-1}/n̄_t and 1/n̄_t (Algorithm 1 line 16);
+* ``Q`` (output side) projects onto the span of the *paired* modality's outputs under the models
+  of those steps: ``C_out[m]`` accumulates ``W_m' C(x_m') W_m'ᵀ`` right after each step that paired
+  m with m' (the authors' ``feature_covariance2``), thresholded by ``lambda_left``.
+
+``lambda_left = 0`` (the default) keeps every direction, so ``Q = I`` and DNS is the one-sided
+update ``G - G P``: this is what the authors' code does (method.md finding 1). A positive value
+gives the paper's genuinely dual-sided projection. Projectors are rebuilt before each step; a
+modality never trained before has ``P = 0`` (no projection).
+
+Options (off by default): ``energy_in``/``energy_out`` replace the absolute thresholds by an
+energy ratio; ``project="update"`` projects the optimizer's final update instead of the gradient
+(the Adam-NSCL variant, exact under AdamW; method.md finding 3); ``project_bias=True`` treats the
+bias as the weight of a constant input (project over ``[x; 1]``), extending the guarantee to the
+whole affine learner (finding 5).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from cmcl.data.paired import PairedFeatures
+from cmcl.train.learners import PairOutput
+from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
+from cmcl.types import StepInfo
+
+_BLOCK = 8192
+
+
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+
+
+class DNS(Strategy):
+    """Dual-sided null-space projection of the active learners' gradients."""
+
+    name = "dns"
+    # The paper's thresholds; synthetic's is ours (docs/synthetic.md): its per-dataset energy is
+    # spread over ~16 directions, so 0.01 protects almost nothing there.
+    backbone_defaults = {
+        "synthetic": {"lambda_min": 1e-3},
+        "imagebind": {"lambda_min": 0.01},
+        "unibind": {"lambda_min": 0.01},
+        "languagebind": {"lambda_min": 1e-4},
+    }
+
+    def __init__(self, *, lambda_min: float = 0.01, lambda_left: float = 0.0,
+                 energy_in: float | None = None, energy_out: float | None = None,
+                 project: str = "gradient", project_bias: bool = False) -> None:
+        if project not in ("gradient", "update"):
+            raise ValueError(f"project must be 'gradient' or 'update', got {project!r}")
+        for name, value in (("energy_in", energy_in), ("energy_out", energy_out)):
+            if value is not None and not 0 < float(value) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if lambda_min < 0 or lambda_left < 0:
+            raise ValueError("lambda_min and lambda_left must be >= 0")
+        self.lambda_min = float(lambda_min)
+        self.lambda_left = float(lambda_left)
+        self.energy_in = None if energy_in is None else float(energy_in)
+        self.energy_out = None if energy_out is None else float(energy_out)
+        self.project = project
+        self.project_bias = bool(project_bias)
+        # modality -> running covariance (float64) and the number of rows behind it
+        self.cov_in: dict[str, torch.Tensor] = {}
+        self.n_in: dict[str, int] = {}
+        self.cov_out: dict[str, torch.Tensor] = {}
+        self.n_out: dict[str, int] = {}
+        self._proj: dict[str, tuple[Projector, Projector]] = {}
+        self._delta: dict[str, torch.Tensor] = {}
+        self._before: dict[str, torch.Tensor] = {}
+        self._ranks: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ projectors
+    def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        device = self.learners[step.modalities[0]].weight.device
+        self._proj = {}
+        self._ranks = {}
+        d_in = self.learners.dim + (1 if self.project_bias else 0)
+        for m in step.modalities:
+            if m in self.cov_in:
+                right = projector_from_covariance(self.cov_in[m], threshold=self.lambda_min, energy=self.energy_in)
+            else:
+                right = Projector.zero(d_in)
+            if m in self.cov_out:
+                left = projector_from_covariance(self.cov_out[m], threshold=self.lambda_left, energy=self.energy_out)
+            else:
+                left = Projector.zero(self.learners.dim)
+            self._proj[m] = (left.to(device), right.to(device))
+            self._ranks[f"dns/rank_in/{m}"] = float(right.rank)
+            self._ranks[f"dns/rank_out/{m}"] = float(left.rank)
+
+    # ------------------------------------------------------------------ gradient projection
+    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
+        # Capture dL/du and dL/dv for the rank-B projection route.
+        if self.project == "gradient" and out.u.requires_grad:
+            out.u.register_hook(lambda g: self._delta.__setitem__("a", g))
+            out.v.register_hook(lambda g: self._delta.__setitem__("b", g))
+        return super().losses(batch, out)
+
+    def _sides(self, batch: PairedFeatures):
+        pair = batch.single_pair
+        if pair is None:
+            raise ValueError("DNS trains one modality pair per step; got a batch mixing pairs")
+        return ((pair[0], batch.xa, "a"), (pair[1], batch.xb, "b"))
+
+    def before_update(self, batch: PairedFeatures, out: PairOutput) -> None:
+        if self.project == "update":
+            for m, _, _ in self._sides(batch):
+                layer = self.learners[m]
+                self._before[m] = self._flat(layer.weight.detach(), layer.bias.detach()).clone()
+            return
+        for m, x, side in self._sides(batch):
+            left, right = self._proj[m]
+            if left.is_zero or right.is_zero:
+                continue
+            layer = self.learners[m]
+            if layer.weight.grad is None:
+                continue
+            g = self._flat(layer.weight.grad, layer.bias.grad)
+            delta = self._delta.get(side)
+            xin = _augment(x) if self.project_bias else x
+            scale = None
+            if delta is not None:
+                # G = c·δᵀX, where c is the trainer's clipping factor: recover it from the norms,
+                # ‖δᵀX‖² = Σ (XXᵀ ∘ δδᵀ), in O(B²d).
+                denom = torch.sum((xin @ xin.T) * (delta @ delta.T))
+                scale = float(torch.linalg.vector_norm(g) / denom.clamp_min(1e-30).sqrt()) if denom > 0 else 0.0
+            g.sub_(project_out(g, left, right, x=xin, delta=delta, scale=scale))
+            self._unflat(g, layer.weight.grad, layer.bias.grad)
+        self._delta.clear()
+
+    def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
+        if self.project != "update":
+            return
+        with torch.no_grad():
+            for m, _, _ in self._sides(batch):
+                left, right = self._proj[m]
+                before = self._before.pop(m)
+                if left.is_zero or right.is_zero:
+                    continue
+                layer = self.learners[m]
+                step = self._flat(layer.weight, layer.bias) - before
+                step.sub_(project_out(step, left, right))
+                new = before + step
+                self._unflat(new, layer.weight, layer.bias)
+
+    def _flat(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """Weight (and bias as an extra input column when ``project_bias``) as one matrix."""
+        if not self.project_bias:
+            return w
+        bias = b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        return torch.cat([w, bias[:, None]], dim=1)
+
+    def _unflat(self, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        if not self.project_bias:
+            if g.data_ptr() != w.data_ptr():
+                w.copy_(g)
+            return
+        w.copy_(g[:, :-1])
+        if b is not None:
+            b.copy_(g[:, -1])
+
+    # ------------------------------------------------------------------ covariances
+    def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        a, b = step.modalities
+        with torch.no_grad():
+            for m, x, other, y in ((a, data.xa, b, data.xb), (b, data.xb, a, data.xa)):
+                xin = _augment(x) if self.project_bias else x
+                self._accumulate(self.cov_in, self.n_in, m, xin)
+                layer = self.learners[other]
+                outputs = [layer(y[i:i + _BLOCK]) if self.project_bias else y[i:i + _BLOCK] @ layer.weight.T
+                           for i in range(0, len(y), _BLOCK)]
+                self._accumulate(self.cov_out, self.n_out, m, torch.cat(outputs))
+
+    @staticmethod
+    def _accumulate(store: dict[str, torch.Tensor], counts: dict[str, int], m: str, x: torch.Tensor) -> None:
+        gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for i in range(0, len(x), _BLOCK):
+            block = x[i:i + _BLOCK]
+            gram += (block.T @ block).to(torch.float64)
+        n_old, n = counts.get(m, 0), len(x)
+        total = n_old + n
+        if m in store:
+            store[m] = store[m] * (n_old / total) + gram / total
+        else:
+            store[m] = gram / total
+        counts[m] = total
+
+    # ------------------------------------------------------------------ bookkeeping
+    def report(self) -> dict[str, float]:
+        return dict(self._ranks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "cov_in": {m: c.cpu() for m, c in self.cov_in.items()}, "n_in": dict(self.n_in),
+            "cov_out": {m: c.cpu() for m, c in self.cov_out.items()}, "n_out": dict(self.n_out),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = next(self.learners.parameters()).device
+        self.cov_in = {m: c.to(device) for m, c in state["cov_in"].items()}
+        self.n_in = {m: int(n) for m, n in state["n_in"].items()}
+        self.cov_out = {m: c.to(device) for m, c in state["cov_out"].items()}
+        self.n_out = {m: int(n) for m, n in state["n_out"].items()}

@@ -1,0 +1,157 @@
+"""Null-space projectors built from uncentred covariances, stored in factored form.
+
+A projector onto the span of a covariance's leading eigenvectors is kept as its orthonormal basis
+``U`` (d x k), or as the basis ``V`` of its orthogonal complement when k > d/2, so applying it to a
+(B x d) or (d x d) matrix costs O(B·d·k) or O(d²·k) instead of a dense d x d product. The identity
+and the zero projector are special-cased and cost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Projector:
+    """Orthogonal projector P on R^d.
+
+    Attributes:
+        dim: d.
+        rank: rank of P.
+        basis: (d, k) orthonormal basis of range(P) when ``complement`` is False, of its
+            orthogonal complement when True; ``None`` for the zero and identity projectors.
+        complement: see ``basis``.
+    """
+
+    dim: int
+    rank: int
+    basis: torch.Tensor | None = None
+    complement: bool = False
+
+    @classmethod
+    def zero(cls, dim: int) -> "Projector":
+        """P = 0 (nothing to protect)."""
+        return cls(dim, 0)
+
+    @classmethod
+    def identity(cls, dim: int) -> "Projector":
+        """P = I."""
+        return cls(dim, dim)
+
+    @classmethod
+    def from_basis(cls, basis: torch.Tensor) -> "Projector":
+        """P = U Uᵀ for an orthonormal (d, k) ``basis``; stored by its complement when k > d/2."""
+        d, k = basis.shape
+        if k == 0:
+            return cls.zero(d)
+        if k == d:
+            return cls.identity(d)
+        if k > d // 2:
+            # Orthonormal complement from a full QR of the basis.
+            q, _ = torch.linalg.qr(basis.to(torch.float64), mode="complete")
+            return cls(d, k, q[:, k:].to(basis.dtype).contiguous(), complement=True)
+        return cls(d, k, basis.contiguous())
+
+    @property
+    def is_zero(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.rank == self.dim
+
+    @property
+    def cost_rank(self) -> int:
+        """Columns touched when applying P (0 for zero/identity)."""
+        return 0 if self.basis is None else int(self.basis.shape[1])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Projector":
+        """Move the basis."""
+        basis = None if self.basis is None else self.basis.to(device=device, dtype=dtype)
+        return Projector(self.dim, self.rank, basis, self.complement)
+
+    def right(self, m: torch.Tensor) -> torch.Tensor:
+        """``m @ P`` for m of shape (r, d)."""
+        if self.is_zero:
+            return torch.zeros_like(m)
+        if self.is_identity:
+            return m
+        u = self.basis
+        low = (m @ u) @ u.T
+        return m - low if self.complement else low
+
+    def left(self, m: torch.Tensor) -> torch.Tensor:
+        """``P @ m`` for m of shape (d, r)."""
+        return self.right(m.T).T
+
+    def dense(self) -> torch.Tensor:
+        """P as a dense (d, d) matrix (tests and diagnostics only)."""
+        eye = torch.eye(self.dim, dtype=self.basis.dtype if self.basis is not None else torch.float32)
+        if self.basis is not None:
+            eye = eye.to(self.basis.device)
+        return self.right(eye)
+
+
+def projector_from_covariance(cov: torch.Tensor, *, threshold: float = 0.0,
+                              energy: float | None = None) -> Projector:
+    """Projector onto the leading eigen-directions of a symmetric PSD covariance.
+
+    Args:
+        cov: (d, d) uncentred covariance.
+        threshold: keep directions whose eigenvalue exceeds ``threshold`` (the paper's
+            ``lambda_min``, an absolute eigenvalue). ``threshold <= 0`` keeps every direction,
+            which is what the authors' code does in practice for its left projectors (every
+            singular value of a float covariance is numerically positive, method.md finding 1).
+        energy: if given, instead keep the fewest leading directions holding at least this
+            fraction of the total eigenvalue mass (scale-free alternative).
+    """
+    d = cov.shape[0]
+    if energy is None and threshold <= 0:
+        return Projector.identity(d)
+    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
+    evals, evecs = evals.flip(0), evecs.flip(1)  # descending
+    if energy is not None:
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        mass = evals.clamp(min=0)
+        total = float(mass.sum())
+        if total <= 0:
+            return Projector.zero(d)
+        k = int(torch.searchsorted(torch.cumsum(mass, 0) / total, torch.tensor(energy, dtype=torch.float64)) + 1)
+        k = min(k, d)
+    else:
+        k = int((evals > threshold).sum())
+    return Projector.from_basis(evecs[:, :k].to(torch.float32))
+
+
+def project_out(grad: torch.Tensor, left: Projector, right: Projector, *,
+                x: torch.Tensor | None = None, delta: torch.Tensor | None = None,
+                scale: float | None = None) -> torch.Tensor:
+    """``left @ grad @ right``, the part of a gradient DNS removes, computed cheaply.
+
+    Two exact routes, chosen by flop count:
+
+    * from ``grad``: ``P_l (G U) Uᵀ``-style products, O(d²·k) for ranks k;
+    * from the rank-B structure ``G = scale · deltaᵀ x`` of a linear layer's weight gradient
+      (``x``: (B, d) inputs, ``delta``: (B, d) output gradients): ``scale · (P_l deltaᵀ)(x P_r)``,
+      O(B·d²) whatever the ranks (method.md finding 4).
+
+    Args:
+        grad: (d_out, d_in) gradient.
+        left, right: projectors on the output and input side.
+        x, delta, scale: the rank-B factors, when known.
+    """
+    if left.is_zero or right.is_zero:
+        return torch.zeros_like(grad)
+    d_out, d_in = grad.shape
+    cost_grad = 2 * d_out * d_in * (2 * right.cost_rank) + 2 * d_out * d_in * (2 * left.cost_rank)
+    if x is not None and delta is not None and scale is not None:
+        b = x.shape[0]
+        cost_lowrank = 2 * b * d_out * d_in + 4 * b * d_in * right.cost_rank + 4 * b * d_out * left.cost_rank
+        if cost_lowrank < cost_grad:
+            xp = right.right(x)                     # (B, d_in)
+            dq = left.left(delta.T)                 # (d_out, B)
+            return (dq * scale) @ xp
+    return left.left(right.right(grad))

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny synthetic feature cache and a short protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
+
+TINY = SyntheticConfig(dim=64, scale=0.02, seed=0)
+
+SHORT_PROTOCOL = """
+name = "short"
+[datasets]
+esc50 = { metrics = ["recall", "acc"] }
+clotho = { metrics = ["recall"] }
+vggsound_s = { metrics = ["recall", "acc"] }
+
+[[step]]
+dataset = "esc50"
+modalities = ["text", "audio"]
+
+[[step]]
+dataset = "clotho"
+modalities = ["text", "audio"]
+
+[[step]]
+dataset = "vggsound_s"
+modalities = ["audio", "video"]
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """The seven synthetic datasets at dim 64 and 2% of the paper's sizes (read-only: do not modify)."""
+    root = tmp_path_factory.mktemp("features")
+    write_synthetic(root, TINY)
+    return root
+
+
+@pytest.fixture()
+def short_protocol(tmp_path) -> Path:
+    """A 3-step protocol over esc50, clotho and vggsound_s (sharing text and audio learners)."""
+    path = tmp_path / "short.toml"
+    path.write_text(SHORT_PROTOCOL)
+    return path

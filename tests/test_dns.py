@@ -1,0 +1,204 @@
+"""DNS: the defining property (old alignments kept), the fast projection, and the one-sided default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmcl.data.paired import PairedFeatures
+from cmcl.train.config import Harness
+from cmcl.train.learners import ModalityLearners
+from cmcl.train.strategies import get_strategy
+from cmcl.train.strategies.base import Objective
+from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
+from cmcl.train.trainer import fit_step
+from cmcl.types import StepInfo
+
+D = 12
+
+
+def unit_rows(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def low_rank_pairs(seed, n=96, rank=4):
+    """Pairs whose inputs live in rank-`rank` subspaces (so old steps leave room to learn)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, rank))
+    xa = unit_rows(z @ rng.standard_normal((rank, D)))
+    xb = unit_rows((z + 0.3 * rng.standard_normal((n, rank))) @ rng.standard_normal((rank, D)))
+    return xa.astype(np.float32), xb.astype(np.float32)
+
+
+def generic_pairs(seed, n=96):
+    rng = np.random.default_rng(seed)
+    xa = rng.standard_normal((n, D))
+    xb = xa @ rng.standard_normal((D, D)) * 0.5 + rng.standard_normal((n, D))
+    return unit_rows(xa).astype(np.float32), unit_rows(xb).astype(np.float32)
+
+
+def alignment(learners, a, b, xa, xb):
+    with torch.no_grad():
+        return learners(a, torch.as_tensor(xa)) @ learners(b, torch.as_tensor(xb)).T
+
+
+def run_two_steps(strategy_name, lr, params=None, step2_pair=("text", "audio")):
+    """Step 1 on low-rank (text, audio) data; step 2 on generic data; returns the step-1 alignment change."""
+    torch.manual_seed(0)
+    learners = ModalityLearners(["text", "audio", "video"], D)
+    strategy = get_strategy(strategy_name, **(params or {}))
+    strategy.setup(learners, Objective())
+    sgd = Harness(lr=lr, weight_decay=0.0, decay_bias=True, linear_decay=False, clip_norm=None, optimizer="sgd")
+    xa1, xb1 = low_rank_pairs(1)
+    step1 = PairedFeatures.from_arrays(xa1, xb1, ("text", "audio"), 1)
+    fit_step(learners, strategy, StepInfo(1, "A", ("text", "audio"), 11), step1, harness=Harness(
+        lr=0.5, weight_decay=0.0, decay_bias=True, linear_decay=False, clip_norm=None, optimizer="sgd"),
+        epochs=3, batch_size=32)
+    before = alignment(learners, "text", "audio", xa1, xb1)
+    xa2, xb2 = generic_pairs(2)
+    step2 = PairedFeatures.from_arrays(xa2, xb2, step2_pair, 2)
+    fit_step(learners, strategy, StepInfo(2, "B", step2_pair, 22), step2, harness=sgd, epochs=2, batch_size=32)
+    after = alignment(learners, "text", "audio", xa1, xb1)
+    return float(torch.linalg.norm(after - before)), learners
+
+
+def test_one_sided_default_keeps_old_alignment_exactly_under_sgd():
+    # lambda_left = 0 (authors' default): Q = I, the old inputs' outputs W x cannot move at all.
+    change, _ = run_two_steps("dns", 0.5, {"lambda_min": 1e-9, "project_bias": True})
+    vanilla, _ = run_two_steps("vanilla", 0.5)
+    assert vanilla > 1e-2
+    assert change < 1e-5 * vanilla * 100 and change < 1e-4
+
+
+def test_dual_sided_change_is_second_order_while_vanilla_is_first_order():
+    params = {"lambda_min": 1e-9, "lambda_left": 1e-9, "project_bias": True}
+    dns_big, _ = run_two_steps("dns", 0.2, params)
+    dns_small, _ = run_two_steps("dns", 0.1, params)
+    van_big, _ = run_two_steps("vanilla", 0.2)
+    van_small, _ = run_two_steps("vanilla", 0.1)
+    assert van_big / van_small == pytest.approx(2.0, rel=0.15)   # O(eta)
+    assert dns_big / dns_small == pytest.approx(4.0, rel=0.2)    # O(eta^2)
+    assert dns_big < 0.05 * van_big
+
+
+def test_dns_with_adamw_forgets_less_than_vanilla():
+    def change(name, params=None):
+        torch.manual_seed(0)
+        learners = ModalityLearners(["text", "audio"], D)
+        s = get_strategy(name, **(params or {}))
+        s.setup(learners, Objective())
+        adam = Harness(lr=1e-2, weight_decay=0.0, decay_bias=True, linear_decay=False, clip_norm=None)
+        xa1, xb1 = low_rank_pairs(1)
+        fit_step(learners, s, StepInfo(1, "A", ("text", "audio"), 1),
+                 PairedFeatures.from_arrays(xa1, xb1, ("text", "audio"), 1), harness=adam, epochs=2, batch_size=32)
+        before = alignment(learners, "text", "audio", xa1, xb1)
+        xa2, xb2 = generic_pairs(2)
+        fit_step(learners, s, StepInfo(2, "B", ("text", "audio"), 2),
+                 PairedFeatures.from_arrays(xa2, xb2, ("text", "audio"), 2), harness=adam, epochs=2, batch_size=32)
+        return float(torch.linalg.norm(alignment(learners, "text", "audio", xa1, xb1) - before))
+
+    vanilla = change("vanilla")
+    grad = change("dns", {"lambda_min": 1e-9})
+    update = change("dns", {"lambda_min": 1e-9, "project": "update", "project_bias": True})
+    assert grad < 0.7 * vanilla        # projecting the gradient leaks through Adam's rescaling (finding 3)
+    assert update < 1e-4 * vanilla     # projecting the update does not
+
+
+@pytest.mark.parametrize("rank_p, rank_q", [(3, 12), (9, 12), (3, 4), (0, 5), (12, 12), (8, 2)])
+def test_fast_projection_equals_dense(rank_p, rank_q):
+    g = torch.Generator().manual_seed(rank_p * 31 + rank_q)
+    d, b = 12, 5
+    x = torch.randn(b, d, generator=g)
+    delta = torch.randn(b, d, generator=g)
+    scale = 0.37
+    grad = scale * delta.T @ x
+    up = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    uq = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    right = Projector.from_basis(up[:, :rank_p])
+    left = Projector.from_basis(uq[:, :rank_q])
+    dense = left.dense() @ grad @ right.dense()
+    want = uq[:, :rank_q] @ uq[:, :rank_q].T @ grad @ up[:, :rank_p] @ up[:, :rank_p].T
+    torch.testing.assert_close(dense, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(project_out(grad, left, right), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(project_out(grad, left, right, x=x, delta=delta, scale=scale), want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_rank_b_route_is_used_and_recovers_the_clipping_scale():
+    """At large d and small B, DNS projects via (Qδᵀ)(XP) and must undo the trainer's clip factor."""
+    d, b = 256, 8
+    torch.manual_seed(0)
+    learners = ModalityLearners(["text", "audio"], d)
+    dns = get_strategy("dns", lambda_min=1e-6, lambda_left=1e-6)
+    dns.setup(learners, Objective())
+    old = PairedFeatures.from_arrays(unit_rows(np.random.default_rng(0).standard_normal((200, d))).astype(np.float32),
+                                     unit_rows(np.random.default_rng(1).standard_normal((200, d))).astype(np.float32),
+                                     ("text", "audio"), 1)
+    # low-rank history so projectors are proper subspaces (rank 40 of 256)
+    old.xa = old.xa @ torch.linalg.qr(torch.randn(d, 40))[0] @ torch.randn(40, d)
+    old.xb = old.xb @ torch.linalg.qr(torch.randn(d, 40))[0] @ torch.randn(40, d)
+    info = StepInfo(1, "A", ("text", "audio"), 0)
+    dns.after_step(info, old)
+    dns.before_step(StepInfo(2, "B", ("text", "audio"), 0), old)
+    batch = old.select(torch.arange(b))
+    out = learners.forward_pairs(batch)
+    loss = dns.losses(batch, out)["contrastive_loss"]
+    loss.backward()
+    w = learners["text"].weight
+    w.grad.mul_(0.25)  # what clipping would do
+    raw = w.grad.clone()
+    left, right = dns._proj["text"]
+    want = raw - left.dense() @ raw @ right.dense()
+    dns.before_update(batch, out)
+    torch.testing.assert_close(w.grad, want, atol=1e-6, rtol=1e-4)
+
+
+def test_left_threshold_zero_is_exactly_one_sided():
+    torch.manual_seed(1)
+    learners = ModalityLearners(["text", "audio"], D)
+    dns = get_strategy("dns", lambda_min=0.02)
+    dns.setup(learners, Objective())
+    xa, xb = low_rank_pairs(3)
+    data = PairedFeatures.from_arrays(xa, xb, ("text", "audio"), 1)
+    dns.after_step(StepInfo(1, "A", ("text", "audio"), 0), data)
+    dns.before_step(StepInfo(2, "A", ("text", "audio"), 0), data)
+    left, right = dns._proj["text"]
+    assert left.is_identity and 0 < right.rank < D
+    batch = data.select(torch.arange(16))
+    out = learners.forward_pairs(batch)
+    dns.losses(batch, out)["contrastive_loss"].backward()
+    g = learners["text"].weight.grad.clone()
+    cov = dns.cov_in["text"]
+    evals, evecs = torch.linalg.eigh(cov)
+    u = evecs[:, evals > 0.02].float()
+    dns.before_update(batch, out)
+    torch.testing.assert_close(learners["text"].weight.grad, g - g @ u @ u.T, atol=1e-7, rtol=1e-6)
+
+
+def test_projector_thresholds():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 10)) * np.array([3, 2, 1, 0.5, 0.1, 0.01, 0, 0, 0, 0])
+    cov = torch.as_tensor(x.T @ x / 500)
+    assert projector_from_covariance(cov, threshold=0.0).is_identity
+    assert projector_from_covariance(cov, threshold=0.2).rank == 4
+    full = projector_from_covariance(cov, energy=1.0)
+    assert full.rank >= 6
+    assert projector_from_covariance(cov, energy=0.6).rank == 1
+    assert projector_from_covariance(torch.zeros(10, 10, dtype=torch.float64), threshold=0.1).is_zero
+
+
+def test_covariance_is_the_running_mean_of_all_past_inputs():
+    learners = ModalityLearners(["text", "audio", "video"], D)
+    dns = get_strategy("dns")
+    dns.setup(learners, Objective())
+    xa1, xb1 = low_rank_pairs(1, n=50)
+    xa2, xb2 = low_rank_pairs(2, n=30)
+    dns.after_step(StepInfo(1, "A", ("text", "audio"), 0), PairedFeatures.from_arrays(xa1, xb1, ("text", "audio"), 1))
+    dns.after_step(StepInfo(2, "B", ("text", "video"), 0), PairedFeatures.from_arrays(xa2, xb2, ("text", "video"), 2))
+    allx = np.concatenate([xa1, xa2]).astype(np.float64)
+    np.testing.assert_allclose(dns.cov_in["text"].numpy(), allx.T @ allx / 80, atol=1e-6)
+    assert dns.n_in == {"text": 80, "audio": 50, "video": 30}
+    # the output side of text accumulates the partners' outputs (identity learners here)
+    outs = np.concatenate([xb1, xb2]).astype(np.float64)
+    np.testing.assert_allclose(dns.cov_out["text"].numpy(), outs.T @ outs / 80, atol=1e-6)

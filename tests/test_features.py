@@ -1,0 +1,143 @@
+"""Feature cache: round trips, shards, validation and atomic writes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from cmcl.data.features import (FeatureShard, FeatureWriter, ShardMeta, list_cache, open_split, shard_path,
+                                write_split)
+from cmcl.errors import CacheError
+
+
+def unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def meta(split="train", mods=("text", "audio"), dim=8, **kw):
+    return ShardMeta(backbone="anybackbone", dataset="toy", split=split, dim=dim, modalities=mods, **kw)
+
+
+def write_toy(root, split="train", n=20, dim=8, seed=0, ids=None, **kw):
+    rng = np.random.default_rng(seed)
+    emb = {"text": unit(rng, n, dim), "audio": unit(rng, n, dim)}
+    ids = ids if ids is not None else [f"s{i}" for i in range(n)]
+    path = shard_path(root, "anybackbone", "toy", split)
+    write_split(path, meta(split, dim=dim), ids, np.arange(n) % 3, emb, text=[f"t{i}" for i in range(n)],
+                class_names=["a", "b", "c"], class_emb={"text": unit(rng, 3, dim)}, **kw)
+    return path, emb
+
+
+def test_round_trip(tmp_path):
+    path, emb = write_toy(tmp_path)
+    feats = open_split(tmp_path, "anybackbone", "toy", "train")
+    assert list(feats.ids) == [f"s{i}" for i in range(20)]
+    np.testing.assert_array_equal(feats.labels, np.arange(20) % 3)
+    np.testing.assert_array_equal(feats.emb["audio"], emb["audio"])
+    assert feats.text[3] == "t3"
+    assert list(feats.class_names) == ["a", "b", "c"] and feats.class_emb.shape == (3, 8)
+    with FeatureShard(path) as shard:
+        assert shard.meta.backbone == "anybackbone" and shard.meta.dim == 8
+        assert set(shard.meta.modalities) == {"text", "audio"}
+        attrs = h5py.File(path, "r").attrs
+        assert attrs["schema"] == "cmcl.features/1" and "created_utc" in attrs and attrs["checkpoint"] == ""
+    assert not path.with_name(path.name + ".partial").exists()
+
+
+def test_shards_read_as_one_split(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for r in range(3):
+        path = shard_path(tmp_path, "b", "toy", "train", r, 3)
+        ids = [f"r{r}-{i}" for i in range(5)]
+        x = {"text": unit(rng, 5, 8), "audio": unit(rng, 5, 8)}
+        rows.append(x["audio"])
+        write_split(path, ShardMeta("b", "toy", "train", 8, ("text", "audio")), ids, np.zeros(5), x)
+    feats = open_split(tmp_path, "b", "toy", "train", modalities=["audio"])
+    assert len(feats) == 15 and feats.ids[5] == "r1-0"
+    np.testing.assert_array_equal(feats.emb["audio"], np.concatenate(rows))
+    assert [e.split for e in list_cache(tmp_path)] == ["train"]
+    shard_path(tmp_path, "b", "toy", "train", 1, 3).unlink()
+    with pytest.raises(CacheError, match="missing"):
+        open_split(tmp_path, "b", "toy", "train")
+
+
+def test_float16_storage_is_accepted(tmp_path):
+    path, emb = write_toy(tmp_path)
+    with h5py.File(path, "a") as f:
+        data = f["emb/audio"][()]
+        del f["emb/audio"]
+        f.create_dataset("emb/audio", data=data.astype(np.float16))
+    feats = open_split(tmp_path, "anybackbone", "toy", "train")
+    assert feats.emb["audio"].dtype == np.float32
+    np.testing.assert_allclose(feats.emb["audio"], emb["audio"], atol=1e-3)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda f: f["emb/audio"].__setitem__((2, 3), np.nan), "non-finite"),
+    (lambda f: f["emb/audio"].__setitem__((2,), np.full(8, 3.0, np.float32)), "norm"),
+    (lambda f: f.attrs.__setitem__("schema", "cmcl.features/0"), "schema"),
+    (lambda f: f["ids"].__setitem__(4, "s0"), "not unique"),
+    (lambda f: f.attrs.__setitem__("dim", 9), "shape"),
+    (lambda f: f.__delitem__("labels"), "labels"),
+])
+def test_bad_shards_name_file_and_problem(tmp_path, corrupt, message):
+    path, _ = write_toy(tmp_path)
+    with h5py.File(path, "a") as f:
+        corrupt(f)
+    with pytest.raises(CacheError, match=message) as err:
+        open_split(tmp_path, "anybackbone", "toy", "train")
+    assert str(path) in str(err.value)
+
+
+def test_missing_modality_and_truncated_file(tmp_path):
+    path, _ = write_toy(tmp_path)
+    with pytest.raises(CacheError, match="no modality 'video'"):
+        open_split(tmp_path, "anybackbone", "toy", "train", modalities=["video"])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheError, match="corrupt or truncated") as err:
+        open_split(tmp_path, "anybackbone", "toy", "train")
+    assert str(path) in str(err.value)
+
+
+def test_writer_validates_and_leaves_nothing_half_written(tmp_path):
+    path = shard_path(tmp_path, "b", "toy", "train")
+    rng = np.random.default_rng(0)
+    with pytest.raises(CacheError, match="not unique"):
+        with FeatureWriter(path, meta()) as w:
+            w.append(["a", "a"], [0, 0], {"text": unit(rng, 2, 8), "audio": unit(rng, 2, 8)})
+    assert not path.exists() and not list(path.parent.glob("*.partial"))
+    with pytest.raises(CacheError, match="empty split"):
+        with FeatureWriter(path, meta()):
+            pass
+    with pytest.raises(CacheError, match="modalities"):
+        with FeatureWriter(path, meta()) as w:
+            w.append(["a"], [0], {"text": unit(rng, 1, 8)})
+    assert not path.exists()
+    write_toy(tmp_path)
+    existing = shard_path(tmp_path, "anybackbone", "toy", "train")
+    before = existing.read_bytes()
+    with pytest.raises(CacheError, match="already exists"):
+        write_toy(tmp_path)
+    assert existing.read_bytes() == before
+
+
+def test_single_file_and_shards_together_is_an_error(tmp_path):
+    write_toy(tmp_path)
+    rng = np.random.default_rng(0)
+    write_split(shard_path(tmp_path, "anybackbone", "toy", "train", 0, 1), meta(), ["x"], [0],
+                {"text": unit(rng, 1, 8), "audio": unit(rng, 1, 8)})
+    with pytest.raises(CacheError, match="keep one form"):
+        open_split(tmp_path, "anybackbone", "toy", "train")
+
+
+def test_dims_differing_between_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    for r, d in enumerate((8, 6)):
+        write_split(shard_path(tmp_path, "b", "toy", "train", r, 2), ShardMeta("b", "toy", "train", d, ("text",)),
+                    [f"{r}"], [0], {"text": unit(rng, 1, d)})
+    with pytest.raises(CacheError, match="dim"):
+        open_split(tmp_path, "b", "toy", "train")

@@ -1,0 +1,158 @@
+"""Trainer: hook order, parameter scope, checkpoints, resume and determinism."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cmcl.data.paired import PairedFeatures
+from cmcl.errors import RunError
+from cmcl.train import checkpoint as ckpt
+from cmcl.train.config import Harness, TrainConfig
+from cmcl.train.learners import ModalityLearners
+from cmcl.train.objective import info_nce
+from cmcl.train.strategies import resolve_params
+from cmcl.train.strategies.base import Objective, Strategy
+from cmcl.train.trainer import fit_step, train_run
+from cmcl.types import StepInfo
+
+
+class Recorder(Strategy):
+    """Records every hook call."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def setup(self, learners, objective):
+        super().setup(learners, objective)
+        self.calls.append("setup")
+
+    def before_step(self, step, data):
+        self.calls.append("before_step")
+
+    def training_set(self, step, data):
+        self.calls.append("training_set")
+        return data
+
+    def losses(self, batch, out):
+        self.calls.append("losses")
+        return super().losses(batch, out)
+
+    def compute_gradients(self, closure):
+        self.calls.append("compute_gradients")
+        result = closure()
+        assert all(p.grad is not None for p in self.learners["text"].parameters())
+        return result
+
+    def before_update(self, batch, out):
+        self.calls.append("before_update")
+        self._w = self.learners["text"].weight.detach().clone()
+
+    def after_update(self, batch, out):
+        self.calls.append("after_update")
+        assert not torch.equal(self._w, self.learners["text"].weight)  # the optimizer stepped in between
+
+    def after_step(self, step, data):
+        self.calls.append("after_step")
+
+
+def toy_data(n=40, d=8, seed=0, pair=("text", "audio")):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    y = (x + 0.5 * rng.standard_normal((n, d))).astype(np.float32)
+    return PairedFeatures.from_arrays(x / np.linalg.norm(x, axis=1, keepdims=True),
+                                      y / np.linalg.norm(y, axis=1, keepdims=True), pair, 1)
+
+
+ADAM = Harness(lr=1e-2, weight_decay=1e-3, decay_bias=True, linear_decay=False, clip_norm=None)
+
+
+def test_hooks_fire_in_order_and_all_are_reachable():
+    learners = ModalityLearners(["text", "audio"], 8)
+    rec = Recorder()
+    rec.setup(learners, Objective())
+    fit_step(learners, rec, StepInfo(1, "toy", ("text", "audio"), 0), toy_data(), harness=ADAM, epochs=2,
+             batch_size=16)
+    per_batch = ["compute_gradients", "losses", "before_update", "after_update"]
+    assert rec.calls == ["setup", "before_step", "training_set", *per_batch * 6, "after_step"]
+
+
+def test_loss_matches_hand_computation_and_b_bias_gets_no_gradient():
+    u = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    v = torch.tensor([[0.5, 0.5], [0.0, 1.0], [2.0, 0.0]])
+    s = (u @ v.T).numpy()
+    want = np.mean([-(s[i, i] - np.log(np.exp(s[i]).sum())) for i in range(3)])
+    assert float(info_nce(u, v)) == pytest.approx(want, rel=1e-6)
+    sym = 0.5 * (want + np.mean([-(s[i, i] - np.log(np.exp(s[:, i]).sum())) for i in range(3)]))
+    assert float(info_nce(u, v, direction="symmetric")) == pytest.approx(sym, rel=1e-6)
+    learners = ModalityLearners(["text", "audio"], 8)
+    batch = toy_data()
+    out = learners.forward_pairs(batch)
+    info_nce(out.u, out.v).backward()
+    assert torch.allclose(learners["audio"].bias.grad, torch.zeros(8), atol=1e-7)
+    assert learners["text"].bias.grad.abs().sum() > 0
+
+
+def test_identity_init_and_mixed_batches_use_each_rows_learners():
+    learners = ModalityLearners(["text", "audio", "video"], 6)
+    x = torch.randn(5, 6)
+    assert torch.equal(learners("text", x), x)
+    with torch.no_grad():
+        for p in learners.parameters():
+            p.copy_(torch.randn_like(p))
+    a = toy_data(n=6, d=6, pair=("text", "audio"))
+    b = toy_data(n=4, d=6, seed=3, pair=("video", "text"))
+    mixed = PairedFeatures.concat([a, b])
+    out = learners.forward_pairs(mixed)
+    torch.testing.assert_close(out.u[:6], learners("text", a.xa))
+    torch.testing.assert_close(out.u[6:], learners("video", b.xa))
+    torch.testing.assert_close(out.v[6:], learners("text", b.xb))
+
+
+def config(cache, protocol, strategy="dns", seed=0, **kw):
+    return TrainConfig(features=str(cache), backbone="synthetic", strategy=strategy,
+                       params=resolve_params(strategy, {}, "synthetic"), label=strategy, seed=seed,
+                       protocol=str(protocol), epochs=2, **kw)
+
+
+def final_state(run):
+    from safetensors.torch import load_file
+
+    last = ckpt.finished_steps(run)[-1]
+    return load_file(str(ckpt.step_dir(run, last) / "learners.safetensors")), pd.read_csv(run / "results.csv")
+
+
+def test_run_layout_and_same_seed_gives_identical_numbers(tiny_cache, short_protocol, tmp_path):
+    a = train_run(config(tiny_cache, short_protocol), tmp_path / "a")
+    b = train_run(config(tiny_cache, short_protocol), tmp_path / "b")
+    assert ckpt.finished_steps(a) == [0, 1, 2, 3]
+    for i in (1, 2, 3):
+        assert (ckpt.step_dir(a, i) / "eval.csv").is_file() and (ckpt.step_dir(a, i) / "losses.csv").is_file()
+    assert (ckpt.step_dir(a, 3) / "strategy.pt").is_file() and not (ckpt.step_dir(a, 2) / "strategy.pt").exists()
+    header = json.loads((a / "config.json").read_text())
+    assert header["config"]["params"]["lambda_min"] == 1e-3 and header["protocol"]["steps"][0] == "esc50:text-audio"
+    metrics = json.loads((ckpt.step_dir(a, 2) / "metrics.json").read_text())
+    assert metrics["report"]["dns/rank_in/text"] > 0
+    wa, ra = final_state(a)
+    wb, rb = final_state(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    np.testing.assert_array_equal(ra["value"].to_numpy(), rb["value"].to_numpy())
+    c = train_run(config(tiny_cache, short_protocol, seed=1), tmp_path / "c")
+    assert not torch.equal(final_state(c)[0]["layers.text.weight"], wa["layers.text.weight"])
+
+
+def test_resume_with_a_different_config_is_refused(tiny_cache, short_protocol, tmp_path):
+    run = train_run(config(tiny_cache, short_protocol, "vanilla"), tmp_path)
+    with pytest.raises(RunError, match="already exists"):
+        train_run(config(tiny_cache, short_protocol, "vanilla"), tmp_path)
+    with pytest.raises(RunError, match="differs in epochs"):
+        cfg = TrainConfig(**{**config(tiny_cache, short_protocol, "vanilla").to_dict(), "epochs": 3})
+        train_run(cfg, tmp_path, resume=True)
+    before = (run / "results.csv").read_bytes()
+    train_run(config(tiny_cache, short_protocol, "vanilla"), tmp_path, resume=True)  # complete: nothing to do
+    assert (run / "results.csv").read_bytes() == before
