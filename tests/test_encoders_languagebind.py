@@ -219,3 +219,25 @@ def test_random_tiny_extraction_records_provenance(tmp_path, media):
         assert shard.meta.extra["random_weights"] == "tiny"
         assert shard.meta.extra["text_checkpoint"] == "tiny:video"
         assert json.loads(shard.meta.extra["preprocessing"])["video"]["num_frames"] == 8
+
+
+def test_sharded_safetensors_folder(tmp_path, media):
+    folder = tmp_path / "LanguageBind_Image"
+    net, state = write_folder(folder, "image", seed=7)
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    half = len(keys) // 2
+    parts = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in parts.items():
+        save_file({k: state[k] for k in ks}, str(folder / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in parts.items() for k in ks}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    report = check_checkpoint("languagebind", folder)
+    assert report.ok and report.matched == len(state)
+    enc = load_encoder("languagebind", checkpoint=folder, device="cpu")
+    x = enc.preprocessor("vision")(media["vision"])[None]
+    want = torch.nn.functional.normalize(net.embed_vision(x), dim=-1).numpy()
+    assert np.allclose(enc.encode("vision", [media["vision"]]), want, atol=1e-5)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(EncoderError, match="listed in model.safetensors.index.json but missing"):
+        check_checkpoint("languagebind", folder)

@@ -69,29 +69,65 @@ def read_config(folder: Path) -> LanguageBindConfig:
         raise EncoderError(f"{path}: cannot read the LanguageBind config ({exc})") from None
 
 
-def read_folder_state(folder: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of an HF folder (single file or sharded index), memory-mapped where possible."""
+def _weight_parts(folder: Path) -> list[Path]:
+    """The weight file(s) of an HF folder: one file, or the shards its ``*.index.json`` lists."""
     for name in WEIGHT_FILES:
         path = folder / name
         if not path.is_file():
             continue
-        if name.endswith(".index.json"):
-            try:
-                files = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as exc:
-                raise EncoderError(f"{path}: not a weight index ({exc})") from None
-            parts = [folder / f for f in files]
-        else:
-            parts = [path]
-        state: dict[str, torch.Tensor] = {}
-        for part in parts:
-            if not part.is_file():
-                raise EncoderError(f"{part}: listed in {path.name} but missing")
-            state.update(read_safetensors(part) if part.suffix == ".safetensors"
-                         else state_dict_of(read_torch_state(part, trust_pickle=trust_pickle), part))
-        return drop_module_prefix(state)
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            files = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise EncoderError(f"{path}: not a weight index ({exc})") from None
+        for f in files:
+            if not (folder / f).is_file():
+                raise EncoderError(f"{folder / f}: listed in {path.name} but missing")
+        return [folder / f for f in files]
     raise EncoderError(f"{folder}: no weights file (expected one of {', '.join(WEIGHT_FILES)}; "
                        f"download: {HUB}{folder.name})")
+
+
+def read_folder_shapes(folder: Path, *, trust_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an HF folder's weights without reading tensor data (safetensors headers,
+    memory-mapped ``torch.load`` otherwise)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for part in _weight_parts(folder):
+        if part.suffix == ".safetensors":
+            try:
+                with safe_open(str(part), framework="pt") as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except Exception as exc:  # safetensors raises its own exception types
+                raise EncoderError(f"{part}: not a readable safetensors file ({exc})") from None
+        else:
+            shapes.update(shapes_of(state_dict_of(read_torch_state(part, trust_pickle=trust_pickle), part)))
+    if shapes and all(k.startswith("module.") for k in shapes):
+        shapes = {k[len("module."):]: v for k, v in shapes.items()}
+    return shapes
+
+
+def plain_shapes(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Shapes after LoRA unwrapping (adapter matrices dropped) and without stale buffers."""
+    plain, dropped = {}, []
+    for key, shape in shapes.items():
+        key = key.replace(".base_model.model.", ".").replace(".base_layer.", ".")
+        if ".lora_A" in key or ".lora_B" in key or key.endswith(".position_ids"):
+            dropped.append(key)
+        else:
+            plain[key] = shape
+    return plain, dropped
+
+
+def read_folder_state(folder: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder (single file or sharded index), memory-mapped where possible."""
+    state: dict[str, torch.Tensor] = {}
+    for part in _weight_parts(folder):
+        state.update(read_safetensors(part) if part.suffix == ".safetensors"
+                     else state_dict_of(read_torch_state(part, trust_pickle=trust_pickle), part))
+    return drop_module_prefix(state)
 
 
 def prepare_state(state: Mapping[str, torch.Tensor], cfg: LanguageBindConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -223,8 +259,8 @@ class LanguageBindEncoder(Encoder):
         total = KeyReport()
         for tower, folder in folders.items():
             cfg = read_config(folder)
-            state, dropped = prepare_state(read_folder_state(folder, trust_pickle=trust_pickle), cfg)
-            r = compare_keys(expected_shapes(build_languagebind(cfg, device="meta")), shapes_of(state), dropped)
+            shapes, dropped = plain_shapes(read_folder_shapes(folder, trust_pickle=trust_pickle))
+            r = compare_keys(expected_shapes(build_languagebind(cfg, device="meta")), shapes, dropped)
             total.matched += r.matched
             total.missing += [f"{folder.name}:{k}" for k in r.missing]
             total.unexpected += [f"{folder.name}:{k}" for k in r.unexpected]
