@@ -11,13 +11,27 @@ import torch
 
 from cmcl.data.features import FeatureShard
 from cmcl.errors import EncoderError
-from cmcl.extract.encoders import ENCODERS, check_checkpoint, load_class_centres, load_encoder
+from cmcl.extract.encoders import (
+    ENCODERS,
+    check_checkpoint,
+    load_class_centres,
+    load_encoder,
+)
 from cmcl.extract.encoders.imagebind import ImageBindEncoder
 from cmcl.extract.encoders.imagebind_arch import HUGE, TINY, build_imagebind
 from cmcl.extract.encoders.unibind import UniBindEncoder
 from cmcl.extract.items import extract_items
-from tests.encoder_fixtures import (DOG, EOT, HELLO, SOT, video_frames, write_bpe_gz, write_depth_png,
-                                    write_image, write_wav)
+from tests.encoder_fixtures import (
+    DOG,
+    EOT,
+    HELLO,
+    SOT,
+    video_frames,
+    write_bpe_gz,
+    write_depth_png,
+    write_image,
+    write_wav,
+)
 
 
 class NotATensor:

@@ -13,8 +13,18 @@ from PIL import Image
 from cmcl.errors import EncoderError
 from cmcl.extract.encoders import preprocess as P
 from cmcl.extract.encoders.tokenizer import ClipTokenizer
-from tests.encoder_fixtures import (DOG, EOT, HELLO, SOT, video_frames, write_bpe_gz, write_depth_png,
-                                    write_hf_tokenizer, write_image, write_wav)
+from tests.encoder_fixtures import (
+    DOG,
+    EOT,
+    HELLO,
+    SOT,
+    video_frames,
+    write_bpe_gz,
+    write_depth_png,
+    write_hf_tokenizer,
+    write_image,
+    write_wav,
+)
 
 MEAN = torch.tensor(P.CLIP_MEAN)
 STD = torch.tensor(P.CLIP_STD)
@@ -217,7 +227,7 @@ def _fbank_reference(x: np.ndarray, rate: int, bins: int) -> np.ndarray:
     """Kaldi fbank written independently in float64 numpy (loops, explicit formulas)."""
     size, shift, nfft = int(rate * 0.025), int(rate * 0.010), 512
     n = 1 + (len(x) - size) // shift
-    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)  # noqa: E731
+    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)
     lo, hi = mel(20.0), mel(rate / 2)
     delta = (hi - lo) / (bins + 1)
     fmel = mel(np.arange(nfft // 2) * rate / nfft)
@@ -251,7 +261,7 @@ def test_kaldi_fbank_matches_independent_reference(bins):
 def test_fbank_tone_peaks_in_the_right_mel_bin():
     t = torch.arange(16000) / 16000
     spec = P.kaldi_fbank(torch.sin(2 * math.pi * 1000 * t), 16000, 128)
-    mel = lambda f: 1127.0 * math.log(1 + f / 700)  # noqa: E731
+    mel = lambda f: 1127.0 * math.log(1 + f / 700)
     delta = (mel(8000) - mel(20)) / 129
     centre_bin = round((mel(1000) - mel(20)) / delta) - 1
     assert abs(int(spec.mean(0).argmax()) - centre_bin) <= 1
@@ -319,9 +329,9 @@ class _FakeFrame:
 
 def test_pyav_decoding_uses_frame_timestamps(monkeypatch, tmp_path):
     """PyAV is optional; a stand-in with PyAV's interface checks timestamp and duration handling."""
-    from fractions import Fraction
     import sys
     import types
+    from fractions import Fraction
 
     class Container:
         def __init__(self) -> None:

@@ -13,9 +13,10 @@ import functools
 import importlib.util
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +26,25 @@ from cmcl.errors import EncoderError
 from cmcl.extract.encoders import preprocess as P
 from cmcl.extract.encoders.base import Encoder
 from cmcl.extract.encoders.checkpoints import (
-    KeyReport, compare_keys, drop_module_prefix, expected_shapes, file_sha256, load_strict,
-    missing_checkpoint_error, read_torch_state, resolve_path, shapes_of, state_dict_of,
+    KeyReport,
+    compare_keys,
+    drop_module_prefix,
+    expected_shapes,
+    file_sha256,
+    load_strict,
+    missing_checkpoint_error,
+    read_torch_state,
+    resolve_path,
+    shapes_of,
+    state_dict_of,
 )
-from cmcl.extract.encoders.imagebind_arch import CONFIGS, HUGE, ImageBindConfig, ImageBindNet, build_imagebind
+from cmcl.extract.encoders.imagebind_arch import (
+    CONFIGS,
+    HUGE,
+    ImageBindConfig,
+    ImageBindNet,
+    build_imagebind,
+)
 from cmcl.extract.encoders.tokenizer import ClipTokenizer, byte_to_unicode
 
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
@@ -134,7 +150,7 @@ class ImageBindEncoder(Encoder):
     def load(cls, checkpoint: str | os.PathLike | None = None, *, random_weights: str | None = None,
              device: str | torch.device | None = None, fp16: bool = False,
              tokenizer: str | os.PathLike | None = None, trust_pickle: bool = False,
-             config: ImageBindConfig = HUGE, **_: Any) -> "ImageBindEncoder":
+             config: ImageBindConfig = HUGE, **_: Any) -> ImageBindEncoder:
         """Load the released weights, or build ``random_weights`` (``"tiny"``/``"huge"``) at random.
 
         ``config`` is the architecture the checkpoint must match (the released one by default; the

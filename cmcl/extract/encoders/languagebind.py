@@ -14,9 +14,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,12 +27,25 @@ from cmcl.errors import EncoderError
 from cmcl.extract.encoders import preprocess as P
 from cmcl.extract.encoders.base import Encoder
 from cmcl.extract.encoders.checkpoints import (
-    KeyReport, compare_keys, drop_ignorable, drop_module_prefix, expected_shapes, load_strict,
-    read_safetensors, read_torch_state, resolve_path, shapes_of, state_dict_of,
+    KeyReport,
+    compare_keys,
+    drop_ignorable,
+    drop_module_prefix,
+    expected_shapes,
+    load_strict,
+    read_safetensors,
+    read_torch_state,
+    resolve_path,
+    shapes_of,
+    state_dict_of,
 )
 from cmcl.extract.encoders.imagebind import byte_level_tokenizer
 from cmcl.extract.encoders.languagebind_arch import (
-    LanguageBindConfig, LanguageBindNet, build_languagebind, merge_lora, tiny_config,
+    LanguageBindConfig,
+    LanguageBindNet,
+    build_languagebind,
+    merge_lora,
+    tiny_config,
 )
 from cmcl.extract.encoders.tokenizer import ClipTokenizer
 
@@ -99,7 +113,7 @@ def read_folder_shapes(folder: Path, *, trust_pickle: bool = False) -> dict[str,
         if part.suffix == ".safetensors":
             try:
                 with safe_open(str(part), framework="pt") as f:
-                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
             except Exception as exc:  # safetensors raises its own exception types
                 raise EncoderError(f"{part}: not a readable safetensors file ({exc})") from None
         else:
@@ -200,7 +214,7 @@ class LanguageBindEncoder(Encoder):
              device: str | torch.device | None = None, fp16: bool = False,
              tokenizer: str | os.PathLike | None = None, text_checkpoint: str | os.PathLike | None = None,
              modalities: Sequence[str] | None = None, antialias: bool = False, trust_pickle: bool = False,
-             **_: Any) -> "LanguageBindEncoder":
+             **_: Any) -> LanguageBindEncoder:
         """Locate the checkpoint folders (nothing is read but configs until a tower is used)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         first = next((TOWER_OF[m] for m in (modalities or ()) if m in TOWER_OF), "image")

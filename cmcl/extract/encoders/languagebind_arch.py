@@ -17,8 +17,9 @@ LoRA checkpoints (peft-wrapped ``vision_model.encoder``) are merged into plain w
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ class LanguageBindConfig:
     model_type: str = ""
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LanguageBindConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> LanguageBindConfig:
         def pick(klass, sub: Mapping[str, Any] | None):
             names = {f.name for f in fields(klass)}
             return klass(**{k: v for k, v in (sub or {}).items() if k in names})

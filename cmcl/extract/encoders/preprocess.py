@@ -12,11 +12,11 @@ pair for audio (``array`` shaped (channels, samples) or (samples,)) and for vide
 from __future__ import annotations
 
 import math
-import os
 import wave
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

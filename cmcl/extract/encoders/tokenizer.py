@@ -99,15 +99,18 @@ class ClipTokenizer:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_bpe_gz(cls, path: str | os.PathLike, **kw) -> "ClipTokenizer":
+    def from_bpe_gz(cls, path: str | os.PathLike, **kw) -> ClipTokenizer:
         """Read an OpenAI/ImageBind merge list (``bpe_simple_vocab_16e6.txt.gz`` or plain text).
 
         The first line is a header; at most :data:`CLIP_MERGES` merges are used, as upstream does.
         """
         path = Path(path)
         try:
-            raw = gzip.open(path, "rt", encoding="utf-8").read() if path.suffix == ".gz" else \
-                path.read_text(encoding="utf-8")
+            if path.suffix == ".gz":
+                with gzip.open(path, "rt", encoding="utf-8") as f:
+                    raw = f.read()
+            else:
+                raw = path.read_text(encoding="utf-8")
         except (OSError, EOFError, UnicodeDecodeError) as exc:
             raise EncoderError(f"{path}: cannot read the BPE merge list ({exc})") from None
         lines = raw.split("\n")[1:CLIP_MERGES + 1]
@@ -120,7 +123,7 @@ class ClipTokenizer:
 
     @classmethod
     def from_hf_files(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike,
-                      **kw) -> "ClipTokenizer":
+                      **kw) -> ClipTokenizer:
         """Read HF ``CLIPTokenizer`` files (``vocab.json`` and ``merges.txt``)."""
         try:
             encoder = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
