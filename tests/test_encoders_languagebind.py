@@ -254,3 +254,9 @@ def test_sharded_safetensors_folder(tmp_path, media):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(EncoderError, match="listed in model.safetensors.index.json but missing"):
         check_checkpoint("languagebind", folder)
+
+
+def test_random_weight_sizes():
+    assert load_encoder("languagebind", random_weights="large", device="cpu").dim == 768
+    with pytest.raises(EncoderError, match="unknown --random-weights 'huge'"):
+        load_encoder("languagebind", random_weights="huge")

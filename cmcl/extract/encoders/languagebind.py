@@ -44,6 +44,7 @@ from cmcl.extract.encoders.languagebind_arch import (
     LanguageBindConfig,
     LanguageBindNet,
     build_languagebind,
+    large_config,
     merge_lora,
     tiny_config,
 )
@@ -169,7 +170,8 @@ class LanguageBindEncoder(Encoder):
         self._nets: dict[str, LanguageBindNet] = {}
         self.reports: dict[str, KeyReport] = {}
         if random_weights:
-            self.configs = {t: tiny_config(t) for t in FOLDERS}
+            make = tiny_config if random_weights == "tiny" else large_config
+            self.configs = {t: make(t) for t in FOLDERS}
             towers = list(FOLDERS)
         else:
             self.configs = {t: read_config(f) for t, f in self.folders.items()}
@@ -219,11 +221,12 @@ class LanguageBindEncoder(Encoder):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         first = next((TOWER_OF[m] for m in (modalities or ()) if m in TOWER_OF), "image")
         if random_weights:
-            if random_weights != "tiny":
-                raise EncoderError(f"languagebind: unknown --random-weights {random_weights!r} (choose from ['tiny'])")
+            if random_weights not in ("tiny", "large"):
+                raise EncoderError(f"languagebind: unknown --random-weights {random_weights!r} "
+                                   f"(choose from ['large', 'tiny'])")
             source = str(text_checkpoint) if text_checkpoint in FOLDERS else first
             tok = cls._tokenizer_from(Path(tokenizer)) if tokenizer else None
-            return cls(random_weights="tiny", text_source=source, tokenizer=tok, device=device, fp16=fp16,
+            return cls(random_weights=random_weights, text_source=source, tokenizer=tok, device=device, fp16=fp16,
                        antialias=antialias)
         root = resolve_path(checkpoint, ENV)
         if root is None or not root.is_dir():
@@ -334,11 +337,11 @@ class LanguageBindEncoder(Encoder):
         prep["context_length"] = self.tokenizer.context_length
         return {
             "random_weights": self.random_weights,
-            "encoder_config": "tiny" if self.random_weights else "from config.json",
+            "encoder_config": self.random_weights or "from config.json",
             "preprocessing": json.dumps(prep, sort_keys=True),
             "tokenizer": self.tokenizer.source,
             "tokenizer_ftfy": bool(self.tokenizer.use_ftfy),
-            "text_checkpoint": str(self.text_folder or f"tiny:{self.text_source}"),
+            "text_checkpoint": str(self.text_folder or f"{self.random_weights}:{self.text_source}"),
             "tower_checkpoints": json.dumps({t: str(f) for t, f in self.folders.items()}, sort_keys=True),
             "fp16": self.dtype == torch.float16,
             "output": "projected features, L2-normalised (no logit scale)",
