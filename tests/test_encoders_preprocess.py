@@ -358,3 +358,18 @@ def test_pyav_decoding_uses_frame_timestamps(monkeypatch, tmp_path):
     assert video.times[0] == 0.0 and video.times[1] == pytest.approx(0.1)
     frames, fps = video_frames(60, 10.0)
     assert torch.allclose(P.imagebind_video(tmp_path / "clip.mp4"), P.imagebind_video((frames, fps)))
+
+
+def test_eight_bit_depth_follows_the_cmcl_reference_loader(tmp_path):
+    png8 = tmp_path / "d8.png"
+    Image.fromarray(np.full((30, 40), 51, dtype=np.uint8)).save(png8)  # 51/255 * 10 m = 2 m
+    grey = P.imagebind_depth(png8)  # auto -> grey/255, as the CMCL reference loader
+    assert grey.shape == (1, 224, 224)
+    assert torch.allclose(grey, torch.full_like(grey, 51 / 255), atol=1e-6)
+    disp = P.imagebind_depth(png8, mode="disparity")  # metres from the 8-bit quantisation
+    assert torch.allclose(disp, torch.full_like(disp, 0.075 * 518.857901 / 2.0), rtol=1e-4)
+    assert P.read_depth(png8) == pytest.approx(np.full((30, 40), 2.0), rel=1e-6)
+    png16 = write_depth_png(tmp_path / "d16.png", metres=2.0)
+    assert torch.allclose(P.languagebind_depth(png8), P.languagebind_depth(png16), atol=1e-5)
+    with pytest.raises(EncoderError, match="unknown depth mode"):
+        P.imagebind_depth(png8, mode="metres")

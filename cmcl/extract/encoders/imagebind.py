@@ -69,6 +69,7 @@ class ImageBindPreprocessing:
     audio_clip_seconds: float = 2.0
     audio_mean: float = -4.268
     audio_std: float = 9.138
+    depth_mode: str = "auto"  # grey for 8-bit images (CMCL reference), disparity otherwise
     depth_png_scale: float = 1000.0
     depth_min: float = 0.01
     depth_max: float = 50.0
@@ -217,7 +218,8 @@ class ImageBindEncoder(Encoder):
                                        clips=p.audio_clips, mean=p.audio_mean, std=p.audio_std),
             "video": functools.partial(P.imagebind_video, size=p.image_size, clip_duration=p.video_clip_seconds,
                                        clips=p.video_clips, frames_per_clip=p.video_frames_per_clip),
-            "depth": functools.partial(P.imagebind_depth, size=p.image_size, png_scale=p.depth_png_scale,
+            "depth": functools.partial(P.imagebind_depth, size=p.image_size, mode=p.depth_mode,
+                                       png_scale=p.depth_png_scale,
                                        min_depth=p.depth_min, max_depth=p.depth_max, baseline=p.depth_baseline,
                                        focal=p.depth_focal, mean=p.depth_mean, std=p.depth_std),
             "thermal": functools.partial(P.unibind_thermal, size=p.image_size),

@@ -119,32 +119,55 @@ def languagebind_image(item: Any, size: int = 224, antialias: bool = False) -> t
 
 
 # ------------------------------------------------------------------------------------- depth
-def read_depth(item: Any, png_scale: float = 1000.0) -> np.ndarray:
+def _is_8bit_image(item: Any) -> bool:
+    if isinstance(item, (np.ndarray, Image.Image)) or Path(item).suffix == ".npy":
+        return isinstance(item, Image.Image) and item.mode in ("L", "P", "RGB", "RGBA")
+    try:
+        with Image.open(item) as img:
+            return img.mode in ("L", "P", "RGB", "RGBA")
+    except (OSError, ValueError) as exc:
+        raise EncoderError(f"{item}: cannot read depth image ({exc})") from None
+
+
+def read_depth(item: Any, png_scale: float = 1000.0, png8_max: float = 10.0) -> np.ndarray:
     """Depth in metres as float32 (H, W).
 
-    A path ending in ``.npy`` holds metres; an image file (16-bit PNG) holds ``png_scale`` units per
-    metre (millimetres by default); an array is taken as metres.
+    A path ending in ``.npy`` (or an array) holds metres; a 16-bit image holds ``png_scale`` units
+    per metre (millimetres by default); an 8-bit image holds ``value / 255 * png8_max`` metres (the
+    quantisation of cmcl's NYUDv2 converter).
     """
     if isinstance(item, np.ndarray):
         return item.astype(np.float32)
-    path = Path(item)
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.float32)
+    if not isinstance(item, Image.Image) and Path(item).suffix == ".npy":
+        return np.load(item).astype(np.float32)
     try:
-        with Image.open(path) as img:
-            arr = np.asarray(img).astype(np.float32)
+        img = item if isinstance(item, Image.Image) else Image.open(item)
+        with img:
+            eight = img.mode in ("L", "P", "RGB", "RGBA")
+            arr = np.asarray(img.convert("L") if eight else img).astype(np.float32)
     except (OSError, ValueError) as exc:
-        raise EncoderError(f"{path}: cannot read depth image ({exc})") from None
+        raise EncoderError(f"{item}: cannot read depth image ({exc})") from None
     if arr.ndim == 3:
         arr = arr[..., 0]
-    return arr / float(png_scale)
+    return arr / 255.0 * float(png8_max) if eight else arr / float(png_scale)
 
 
-def imagebind_depth(item: Any, size: int = 224, png_scale: float = 1000.0, min_depth: float = 0.01,
-                    max_depth: float = 50.0, baseline: float = 0.075, focal: float = 518.857901,
-                    mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """ImageBind depth (no official loader): metres -> clip -> disparity ``baseline*focal/depth``
-    -> bicubic short-side resize -> center crop -> ``(x-mean)/std`` -> (1,S,S)."""
+def imagebind_depth(item: Any, size: int = 224, mode: str = "auto", png_scale: float = 1000.0,
+                    min_depth: float = 0.01, max_depth: float = 50.0, baseline: float = 0.075,
+                    focal: float = 518.857901, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """ImageBind depth (no official loader) -> (1,S,S).
+
+    ``mode="grey"``: the CMCL reference loader: an 8-bit depth image read as grey, PIL bicubic
+    short-side resize, center crop, /255 (no disparity, no normalisation).
+    ``mode="disparity"``: metres (16-bit PNG / ``png_scale``, ``.npy``, array) -> clip to
+    [min, max] -> ``baseline*focal/depth`` -> bicubic resize -> center crop -> ``(x-mean)/std``.
+    ``mode="auto"``: ``grey`` for 8-bit image files, ``disparity`` otherwise.
+    """
+    if mode not in ("auto", "grey", "disparity"):
+        raise EncoderError(f"unknown depth mode {mode!r} (auto, grey or disparity)")
+    if mode == "grey" or (mode == "auto" and _is_8bit_image(item)):
+        img = pil_center_crop(pil_resize_short(open_image(item, "L"), size), size)
+        return pil_to_tensor(img)
     depth = np.clip(read_depth(item, png_scale), min_depth, max_depth)
     disparity = torch.from_numpy(baseline * focal / depth)[None]
     x = tensor_center_crop(tensor_resize_short(disparity, size, "bicubic"), size)
@@ -152,10 +175,10 @@ def imagebind_depth(item: Any, size: int = 224, png_scale: float = 1000.0, min_d
 
 
 def languagebind_depth(item: Any, size: int = 224, png_scale: float = 1000.0, min_depth: float = 0.01,
-                       max_depth: float = 10.0, antialias: bool = False) -> torch.Tensor:
-    """LanguageBind depth: metres clipped to [min, max], /max, three channels, tensor bicubic
-    resize, center crop, CLIP normalise -> (3,S,S)."""
-    depth = np.clip(read_depth(item, png_scale), min_depth, max_depth) / max_depth
+                       max_depth: float = 10.0, antialias: bool = False, png8_max: float = 10.0) -> torch.Tensor:
+    """LanguageBind depth: metres (see :func:`read_depth`) clipped to [min, max], /max, three
+    channels, tensor bicubic resize, center crop, CLIP normalise -> (3,S,S)."""
+    depth = np.clip(read_depth(item, png_scale, png8_max), min_depth, max_depth) / max_depth
     x = torch.from_numpy(depth)[None].expand(3, -1, -1)
     x = tensor_center_crop(tensor_resize_short(x, size, "bicubic", antialias), size)
     return normalize(x, CLIP_MEAN, CLIP_STD)
