@@ -373,3 +373,54 @@ def test_eight_bit_depth_follows_the_cmcl_reference_loader(tmp_path):
     assert torch.allclose(P.languagebind_depth(png8), P.languagebind_depth(png16), atol=1e-5)
     with pytest.raises(EncoderError, match="unknown depth mode"):
         P.imagebind_depth(png8, mode="metres")
+
+
+def test_audio_through_pyav_when_soundfile_is_absent(monkeypatch, tmp_path):
+    """A stand-in with PyAV's audio interface: planar float and packed int16 frames."""
+    import sys
+    import types
+
+    class Frame:
+        def __init__(self, arr, name, planar):
+            self.arr = arr
+            self.format = types.SimpleNamespace(name=name, is_planar=planar)
+            self.layout = types.SimpleNamespace(nb_channels=2)
+
+        def to_ndarray(self):
+            return self.arr
+
+    t = np.arange(2048)
+    left, right = np.sin(t * 0.01).astype(np.float32), np.cos(t * 0.01).astype(np.float32)
+    packed = (np.stack([left[1024:], right[1024:]], 1).reshape(1, -1) * 16384).astype(np.int16)
+    frames = [Frame(np.stack([left[:1024], right[:1024]]), "fltp", True), Frame(packed, "s16", False)]
+
+    class Container:
+        streams = types.SimpleNamespace(audio=[types.SimpleNamespace(rate=22050, codec_context=None)])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def decode(self, stream):
+            return iter(frames)
+
+    fake = types.ModuleType("av")
+    fake.open = lambda path: Container()
+    monkeypatch.setitem(sys.modules, "av", fake)
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # import soundfile -> ImportError
+    x, rate = P.read_audio(tmp_path / "clip.mp3")
+    assert rate == 22050 and x.shape == (2, 2048)
+    assert torch.allclose(x[0, :1024], torch.from_numpy(left[:1024]), atol=1e-6)  # float planar
+    assert torch.allclose(x[1, 1024:], torch.from_numpy(right[1024:]) / 2, atol=1e-4)  # int16 packed at half scale
+    assert torch.allclose(x[0, 1024:], torch.from_numpy(left[1024:]) / 2, atol=1e-4)
+
+
+def test_non_wav_audio_without_decoders_is_a_clear_error(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(EncoderError, match=r"clip.mp3.*cmcl\[media\]"):
+        P.read_audio(tmp_path / "clip.mp3")

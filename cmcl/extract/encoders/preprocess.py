@@ -322,16 +322,48 @@ def languagebind_video(item: Any, size: int = 224, num_frames: int = 8) -> torch
 
 
 # ------------------------------------------------------------------------------------- audio
+_PCM_SCALE = {"u8": None, "s16": 32768.0, "s32": float(1 << 31), "flt": 1.0, "dbl": 1.0}
+
+
+def _read_audio_av(path: str) -> tuple[torch.Tensor, int]:
+    """Decode the first audio stream with PyAV into (channels, samples) float32."""
+    import av
+
+    chunks = []
+    with av.open(path) as container:
+        stream = container.streams.audio[0]
+        rate = int(stream.rate or stream.codec_context.sample_rate)
+        for frame in container.decode(stream):
+            arr = frame.to_ndarray()
+            fmt = frame.format.name.rstrip("p")
+            layout = frame.layout
+            channels = layout.nb_channels if hasattr(layout, "nb_channels") else len(layout.channels)
+            if not frame.format.is_planar:  # packed: (1, samples * channels)
+                arr = arr.reshape(-1, channels).T
+            if fmt == "u8":
+                arr = (arr.astype(np.float32) - 128.0) / 128.0
+            elif fmt in _PCM_SCALE:
+                arr = arr.astype(np.float32) / _PCM_SCALE[fmt]
+            else:
+                raise EncoderError(f"{path}: unsupported audio sample format {frame.format.name}")
+            chunks.append(arr)
+    if not chunks:
+        raise EncoderError(f"{path}: no audio samples")
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(chunks, axis=1))), rate
+
+
 def read_audio(item: Any) -> tuple[torch.Tensor, int]:
     """(channels, samples) float32 in [-1, 1] and the sample rate.
 
-    Uses ``soundfile`` when installed (wav, flac, ogg...), else Python's ``wave`` for PCM WAV.
+    Tries ``soundfile`` (wav, flac, ogg, mp3 with libsndfile >= 1.1), then PyAV (any format FFmpeg
+    reads), then Python's ``wave`` for PCM WAV; ``pip install "cmcl[media]"`` installs the first two.
     """
     if isinstance(item, tuple):
         data, rate = item
         x = torch.as_tensor(np.asarray(data, dtype=np.float32))
         return (x[None] if x.ndim == 1 else x), int(rate)
     path = str(item)
+    problems = []
     try:
         import soundfile
     except ImportError:
@@ -339,9 +371,23 @@ def read_audio(item: Any) -> tuple[torch.Tensor, int]:
     if soundfile is not None:
         try:
             data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+            return torch.from_numpy(np.ascontiguousarray(data.T)), int(rate)
         except Exception as exc:  # soundfile raises its own error type
-            raise EncoderError(f"{path}: cannot read audio ({exc})") from None
-        return torch.from_numpy(np.ascontiguousarray(data.T)), int(rate)
+            problems.append(f"soundfile: {exc}")
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        av = None
+    if av is not None:
+        try:
+            return _read_audio_av(path)
+        except EncoderError:
+            raise
+        except Exception as exc:  # PyAV raises its own error types
+            problems.append(f"PyAV: {exc}")
+    if not path.lower().endswith((".wav", ".wave")):
+        raise EncoderError(f"{path}: cannot read audio ({'; '.join(problems) or 'neither soundfile nor PyAV is installed'}); "
+                           f"pip install 'cmcl[media]' reads formats other than PCM WAV")
     try:
         with wave.open(path, "rb") as w:
             width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
