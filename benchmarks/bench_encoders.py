@@ -1,6 +1,6 @@
 """Rough CPU throughput of the encoders' preprocessing and tiny models (numbers for docs/performance.md).
 
-Usage: python scripts/bench_encoders.py [--full]   (--full adds the full-size ImageBind vision tower)
+Usage: python benchmarks/bench_encoders.py [--full]   (--full adds the full-size ImageBind vision tower)
 """
 
 from __future__ import annotations
