@@ -167,21 +167,26 @@ def extract(backbone: str, out: Path, scale: float, seed: int, dim: int, dataset
 
 
 # ------------------------------------------------------------------------------------- train
-def _train(features: Path, backbone: str, strategies: list[str], seeds: list[int], runs: Path, protocol: str,
-           params: tuple[str, ...], label: str | None, resume: bool, overwrite: bool, device: str, quiet: bool,
-           keep_states: str, **settings: Any) -> list[Path]:
-    from cmcl.data.protocol import load_protocol
-    from cmcl.train.config import TrainConfig, make_label
-    from cmcl.train.strategies import all_strategies, resolve_params
-    from cmcl.train.trainer import train_run
+def _expand(strategies: list[str]) -> list[str]:
+    from cmcl.train.strategies import all_strategies
 
     if strategies == ["all"]:
-        strategies = all_strategies()
+        return all_strategies()
     if "all" in strategies:
         raise ConfigError("--strategy all cannot be combined with other strategies")
+    return strategies
+
+
+def _train(features: Path, backbone: str, strategies: list[str], seeds: list[int], runs: Path, protocol: str,
+           overrides: dict[str, dict[str, Any]], label: str | None, resume: bool, overwrite: bool, device: str,
+           quiet: bool, keep_states: str, **settings: Any) -> list[Path]:
+    from cmcl.data.protocol import load_protocol
+    from cmcl.train.config import TrainConfig, make_label
+    from cmcl.train.strategies import resolve_params
+    from cmcl.train.trainer import train_run
+
     if label and len(strategies) > 1:
         raise ConfigError("--label names one run series; use it with a single --strategy")
-    overrides = parse_params(params, strategies)
     proto = load_protocol(protocol)
     device = _device(device)
     done = []
@@ -253,9 +258,9 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
     _setup_logging(quiet)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    names = [s for item in strategies for s in _split_list(item, "--strategy")]
-    _train(features, backbone, names, _split_list(seeds, "--seeds", int), runs, protocol, params, label,
-           resume, overwrite, device, quiet, keep_states, **settings)
+    names = _expand([s for item in strategies for s in _split_list(item, "--strategy")])
+    _train(features, backbone, names, _split_list(seeds, "--seeds", int), runs, protocol,
+           parse_params(params, names), label, resume, overwrite, device, quiet, keep_states, **settings)
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -377,40 +382,34 @@ def list_(what: str) -> None:
 @click.option("--strategy", "strategies", multiple=True, default=("vanilla", "dns"), show_default=True,
               help="Strategies to compare (repeatable, or 'all').")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds (trials).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted quickstart.")
 @train_options
 @user_errors
 def reproduce(out: Path, scale: float, dim: int, data_seed: int, strategies: tuple[str, ...], seeds: str,
-              resume: bool, protocol: str, params: tuple[str, ...], device: str, quiet: bool, keep_states: str,
+              protocol: str, params: tuple[str, ...], device: str, quiet: bool, keep_states: str,
               **settings: Any) -> None:
     """Quickstart: extract the synthetic cache, train the strategies over the 11-step protocol, write Table 2.
 
-    Everything goes under OUT: features/, runs/, table2.csv, results.csv and heatmaps. Runs that
-    already finished are kept, so the command can be re-run or resumed.
+    Everything goes under OUT: features/, runs/, table2.csv, results.csv and heatmaps. Finished
+    runs are kept and interrupted ones resume, so re-running the command continues where it stopped.
     """
     _setup_logging(quiet)
     from cmcl.evaluate.runs import evaluate_runs
     from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
     from cmcl.train import checkpoint as ckpt
+    from cmcl.train.config import make_label
 
     features = out / "features"
     write_synthetic(features, SyntheticConfig(dim=dim, scale=scale, seed=data_seed), progress=not quiet)
-    names = [s for item in strategies for s in _split_list(item, "--strategy")]
-    seed_list = _split_list(seeds, "--seeds", int)
-    from cmcl.train.strategies import all_strategies
-
-    for name in (all_strategies() if names == ["all"] else names):
-        for seed in seed_list:
-            overrides = parse_params(params, [name])[name]
-            from cmcl.train.config import make_label
-
-            run = ckpt.run_dir(out / "runs", "synthetic", make_label(name, overrides), seed)
-            complete = (run / "results.csv").is_file()
-            if complete:
+    names = _expand([s for item in strategies for s in _split_list(item, "--strategy")])
+    overrides = parse_params(params, names)
+    for name in names:
+        for seed in _split_list(seeds, "--seeds", int):
+            run = ckpt.run_dir(out / "runs", "synthetic", make_label(name, overrides[name]), seed)
+            if (run / "results.csv").is_file():
                 log.info("%s: already complete", run)
                 continue
-            _train(features, "synthetic", [name], [seed], out / "runs", protocol, params, None,
-                   resume or (run / "config.json").is_file(), False, device, quiet, keep_states, **settings)
+            _train(features, "synthetic", [name], [seed], out / "runs", protocol, overrides, None,
+                   (run / "config.json").is_file(), False, device, quiet, keep_states, **settings)
     rep = evaluate_runs(out / "runs", out / "table2.csv", recall_protocol=settings["recall_protocol"])
     click.echo(rep.text)
     log.info("Table 2: %s (long format: %s; heatmaps: %s)", out / "table2.csv", out / "results.csv",

@@ -26,5 +26,13 @@ class RunError(CMCLError):
     """A run directory is missing, incomplete or made with a different configuration."""
 
 
+class DatasetError(CMCLError):
+    """A dataset folder is missing, has an unexpected layout, or holds inconsistent metadata."""
+
+
+class ExtractError(CMCLError):
+    """An extraction run cannot start, resume or finish (too many bad media files, mismatched resume)."""
+
+
 class EncoderError(CMCLError):
     """An encoder cannot be built: a missing or mismatched checkpoint, tokenizer file or media file."""

@@ -141,3 +141,31 @@ def test_dims_differing_between_shards(tmp_path):
                     [f"{r}"], [0], {"text": unit(rng, 1, d)})
     with pytest.raises(CacheError, match="dim"):
         open_split(tmp_path, "b", "toy", "train")
+
+
+def test_file_written_by_another_tool_as_documented(tmp_path):
+    """docs/feature-cache.md's h5py recipe produces a file cmcl reads (any backbone name)."""
+    rng = np.random.default_rng(0)
+    n, d = 30, 16
+    ids = [f"clip{i}" for i in range(n)]
+    labels = np.arange(n) % 5
+    text_emb, audio_emb, class_text_emb = unit(rng, n, d), unit(rng, n, d), unit(rng, 5, d)
+    class_names = [f"c{i}" for i in range(5)]
+    folder = tmp_path / "features" / "mymodel" / "esc50"
+    folder.mkdir(parents=True)
+    with h5py.File(folder / "test.h5.partial", "w") as f:
+        s = h5py.string_dtype("utf-8")
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=s)
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        f.create_dataset("emb/text", data=text_emb.astype(np.float32))
+        f.create_dataset("emb/audio", data=audio_emb.astype(np.float32))
+        f.create_dataset("classes/names", data=np.array(class_names, dtype=object), dtype=s)
+        f.create_dataset("classes/emb/text", data=class_text_emb.astype(np.float32))
+        f.attrs.update(schema="cmcl.features/1", backbone="mymodel", dataset="esc50", split="test",
+                       dim=text_emb.shape[1], normalized=True, cmcl_version="mytool 1.0",
+                       created_utc="2026-11-26T00:00:00Z", checkpoint="")
+        f.attrs.create("modalities", ["text", "audio"], dtype=s)
+    (folder / "test.h5.partial").rename(folder / "test.h5")
+    feats = open_split(tmp_path / "features", "mymodel", "esc50", "test")
+    assert len(feats) == n and feats.meta.cmcl_version == "mytool 1.0"
+    np.testing.assert_array_equal(feats.class_emb, class_text_emb)

@@ -52,6 +52,12 @@ def shard_path(root: str | os.PathLike, backbone: str, dataset: str, split: str,
     return folder / f"{split}-{shard:05d}-of-{num_shards:05d}.h5"
 
 
+def parse_shard_name(name: str) -> tuple[str, int, int] | None:
+    """``"train-00001-of-00004.h5"`` -> ``("train", 1, 4)``; ``None`` for a name that is not a shard."""
+    m = _SHARD_RE.match(name)
+    return (m.group("split"), int(m.group("index")), int(m.group("count"))) if m else None
+
+
 @dataclass(frozen=True)
 class ShardMeta:
     """Root attributes of a shard.
@@ -123,6 +129,11 @@ class FeatureWriter:
     with :func:`os.replace`. Used as a context manager, an exception inside the block removes the
     partial file unless ``keep_partial=True`` (the resumable extraction engine keeps it).
 
+    With ``check_blocks=True`` each block's embeddings are checked (finite, unit norm when
+    ``meta.normalized``) as they are appended, while still in memory, and :meth:`close` checks
+    only the structure and ids instead of reading every embedding back; same guarantees, about
+    twice the throughput for large shards.
+
     Example::
 
         with FeatureWriter(path, meta) as w:
@@ -131,11 +142,12 @@ class FeatureWriter:
     """
 
     def __init__(self, path: str | os.PathLike, meta: ShardMeta, *, overwrite: bool = False,
-                 keep_partial: bool = False) -> None:
+                 keep_partial: bool = False, check_blocks: bool = False) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.meta = meta
         self.keep_partial = keep_partial
+        self.check_blocks = check_blocks
         if not meta.modalities:
             raise CacheError(f"{self.path}: a shard needs at least one modality")
         for m in meta.modalities:
@@ -206,6 +218,9 @@ class FeatureWriter:
             if x.shape != (n, self.meta.dim):
                 raise CacheError(f"{self.path}: /emb/{m} block has shape {x.shape}, expected ({n}, {self.meta.dim})")
             arrays[m] = x.astype(np.float32, copy=False)
+        if self.check_blocks:
+            for m, x in arrays.items():
+                check_embeddings(x, f"{self.path}: /emb/{m} rows {self._n}-{self._n + n - 1}", self.meta.normalized)
         lo, hi = self._n, self._n + n
         self._resize_write("ids", lo, hi, np.asarray(list(ids), dtype=object))
         self._resize_write("labels", lo, hi, labels)
@@ -259,7 +274,7 @@ class FeatureWriter:
         self._closed = True
         try:
             with FeatureShard(self.partial) as shard:
-                shard.check()
+                shard.check(embeddings=not self.check_blocks)
         except CacheError:
             if not self.keep_partial:
                 self.partial.unlink(missing_ok=True)
@@ -429,11 +444,13 @@ class FeatureShard:
                 protos[m] = np.asarray(self._read(f"classes/emb/{m}"), dtype=np.float32)
         return names, protos
 
-    def check(self, modalities: Iterable[str] | None = None) -> None:
+    def check(self, modalities: Iterable[str] | None = None, *, embeddings: bool = True) -> None:
         """Validate the shard: shapes, dtypes, finiteness, unique ids and (when declared) norms.
 
         Args:
             modalities: check only these embeddings (default: all).
+            embeddings: ``False`` checks shapes and dtypes of the embeddings but not their values
+                (for writers that checked every block as it was appended).
         """
         n = len(self)
         if n == 0:
@@ -448,7 +465,12 @@ class FeatureShard:
         if text is not None and text.shape != (n,):
             raise self._fail(f"/text has {len(text)} rows, /ids has {n}")
         for m in (modalities or self.meta.modalities):
-            check_embeddings(self.load(m), f"{self.path}: /emb/{m}", self.meta.normalized)
+            if embeddings:
+                check_embeddings(self.load(m), f"{self.path}: /emb/{m}", self.meta.normalized)
+            elif m not in self.meta.modalities:
+                raise self._fail(f"has no modality {m!r} (it holds {list(self.meta.modalities)})")
+            else:
+                self._check_emb_dataset(self._dataset(f"emb/{m}"), f"emb/{m}", n)
         cls = self.classes()
         if cls is not None:
             names, protos = cls

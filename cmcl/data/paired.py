@@ -153,6 +153,7 @@ class StepData:
         self.backbone = backbone
         self.protocol = protocol
         self._train: tuple[str, SplitFeatures] | None = None
+        self._tests: list[TestSet] | None = None
         self.dim: int | None = None
 
     def _open(self, dataset: str, split: str) -> SplitFeatures:
@@ -165,11 +166,13 @@ class StepData:
         return feats
 
     def check(self) -> None:
-        """Open every split the protocol needs and validate modalities, dims and values."""
-        for dataset in self.protocol.datasets:
-            for split in ("train", "test"):
-                self._open(dataset, split)
+        """Open every split the protocol needs and validate modalities, dims and values.
+
+        Runs before training so that a bad file fails the run at once, not hours later.
+        """
         self.test_sets()
+        for dataset in self.protocol.datasets:
+            self._open(dataset, "train")
 
     def train(self, step: Step) -> PairedFeatures:
         """The training pairs of ``step``."""
@@ -181,7 +184,9 @@ class StepData:
                                           feats.labels, feats.ids)
 
     def test_sets(self) -> list[TestSet]:
-        """Test pairs (and class prototypes where accuracy is scored) of every step."""
+        """Test pairs (and class prototypes where accuracy is scored) of every step (loaded once)."""
+        if self._tests is not None:
+            return self._tests
         by_dataset: dict[str, SplitFeatures] = {}
         out = []
         for step in self.protocol.steps:
@@ -199,4 +204,5 @@ class StepData:
                                         f"for zero-shot accuracy")
                 class_emb = feats.class_emb
             out.append(TestSet(step, feats.emb[a], feats.emb[b], feats.labels, class_emb))
+        self._tests = out
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,8 @@ def heatmaps(results: pd.DataFrame, out_dir: Path, n_steps_by_run: dict[str, int
                 labels = step_labels[run]
             if not mats or all(np.isnan(m).all() for m in mats):
                 continue
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: metric not applicable
                 M = np.nanmean(np.stack(mats), axis=0)
             fig, ax = plt.subplots(figsize=(1.0 + 0.55 * M.shape[1], 1.0 + 0.45 * M.shape[0]))
             im = ax.imshow(M, cmap="viridis", aspect="auto")

@@ -67,7 +67,7 @@ class SyntheticConfig:
     modality_offset: float = 0.5
     dataset_offset: float = 0.3
     noise: float = 0.3
-    view_noise: float = 0.35
+    view_noise: float = 1.0
     class_spread: float = 0.6
     rotation: float = 0.5
     distortion: float = 0.6

@@ -131,12 +131,14 @@ def project_out(grad: torch.Tensor, left: Projector, right: Projector, *,
                 scale: float | None = None) -> torch.Tensor:
     """``left @ grad @ right``, the part of a gradient DNS removes, computed cheaply.
 
-    Two exact routes, chosen by flop count:
+    Three exact routes, chosen by flop count:
 
-    * from ``grad``: ``P_l (G U) Uᵀ``-style products, O(d²·k) for ranks k;
+    * from ``grad`` alone: ``P_l ((G U) Uᵀ)``, O(d²·k) for projector ranks k;
     * from the rank-B structure ``G = scale · deltaᵀ x`` of a linear layer's weight gradient
-      (``x``: (B, d) inputs, ``delta``: (B, d) output gradients): ``scale · (P_l deltaᵀ)(x P_r)``,
-      O(B·d²) whatever the ranks (method.md finding 4).
+      (``x``: (B, d) inputs, ``delta``: (B, d) output gradients, method.md finding 4):
+      ``scale · (P_l deltaᵀ)(x P_r)``, O(B·d²) whatever the ranks;
+    * both at once when ``P_r = U Uᵀ`` has rank k < B: ``scale · ((P_l deltaᵀ)(x U)) Uᵀ``,
+      O(d²·k + B·d·k).
 
     Args:
         grad: (d_out, d_in) gradient.
@@ -146,12 +148,18 @@ def project_out(grad: torch.Tensor, left: Projector, right: Projector, *,
     if left.is_zero or right.is_zero:
         return torch.zeros_like(grad)
     d_out, d_in = grad.shape
-    cost_grad = 2 * d_out * d_in * (2 * right.cost_rank) + 2 * d_out * d_in * (2 * left.cost_rank)
+    kr, kl = right.cost_rank, left.cost_rank
+    routes = {"grad": 4 * d_out * d_in * (kr + kl)}
     if x is not None and delta is not None and scale is not None:
         b = x.shape[0]
-        cost_lowrank = 2 * b * d_out * d_in + 4 * b * d_in * right.cost_rank + 4 * b * d_out * left.cost_rank
-        if cost_lowrank < cost_grad:
-            xp = right.right(x)                     # (B, d_in)
-            dq = left.left(delta.T)                 # (d_out, B)
-            return (dq * scale) @ xp
+        routes["rank_b"] = 2 * b * d_out * d_in + 4 * b * d_in * kr + 4 * b * d_out * kl
+        if right.basis is not None and not right.complement:
+            routes["low_rank"] = 2 * d_out * d_in * kr + 4 * b * d_in * kr + 4 * b * d_out * kl
+    route = min(routes, key=routes.get)
+    if route == "low_rank":
+        u = right.basis
+        dq = left.left(delta.T)                    # (d_out, B)
+        return ((dq @ (x @ u)) * scale) @ u.T
+    if route == "rank_b":
+        return (left.left(delta.T) * scale) @ right.right(x)
     return left.left(right.right(grad))

@@ -1,0 +1,92 @@
+"""Readers of the seven CMCL datasets; see :mod:`cmcl.data.readers.base` for the contract.
+
+``READERS`` maps the dataset's cache name to its reader class; :func:`get_reader` builds one and
+rejects unknown options with the accepted ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Iterable
+
+from cmcl.data.readers.base import NO_LABEL, DatasetReader, Record, Skip, fingerprint
+from cmcl.data.readers.clotho import Clotho
+from cmcl.data.readers.esc50 import ESC50
+from cmcl.data.readers.llvip import LLVIP
+from cmcl.data.readers.nyudv2 import NYUDv2
+from cmcl.data.readers.tvl import TVL
+from cmcl.data.readers.ucf101 import UCF101
+from cmcl.data.readers.vggsound_s import VGGSoundS
+from cmcl.errors import DatasetError
+
+#: dataset name -> reader class (literal, in protocol order).
+READERS: dict[str, type[DatasetReader]] = {
+    "ucf101": UCF101,
+    "esc50": ESC50,
+    "nyudv2": NYUDv2,
+    "clotho": Clotho,
+    "vggsound_s": VGGSoundS,
+    "tvl": TVL,
+    "llvip": LLVIP,
+}
+
+
+def reader_options(name: str) -> list[str]:
+    """Keyword options the reader of ``name`` accepts besides ``data_root`` and ``cache_dir``."""
+    params = inspect.signature(READERS[name].__init__).parameters
+    return [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "cache_dir"]
+
+
+def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
+    """Turn CLI ``KEY=VALUE`` strings into reader options, typed like each option's default.
+
+    ``DATASET.KEY=VALUE`` applies to that dataset only (other datasets ignore it), so one command
+    line can carry options for several datasets.
+
+    Example: ``parse_reader_options("vggsound_s", ["manifest=subset.csv", "ucf101.split_set=2"])``
+    gives ``{"manifest": "subset.csv"}``.
+    """
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(READERS)}")
+    params = inspect.signature(READERS[name].__init__).parameters
+    allowed = reader_options(name)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        scope, dot, rest = key.partition(".")
+        if dot and scope in READERS:
+            if scope != name:
+                continue
+            key = rest
+        if not sep or key not in allowed:
+            raise DatasetError(f"{name}: bad reader option {pair!r}; "
+                               f"expected KEY=VALUE with KEY in {allowed or 'none'}")
+        default = params[key].default
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int):
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise DatasetError(f"{name}: reader option {key} needs an integer, got {value!r}") from None
+        else:
+            out[key] = value
+    return out
+
+
+def get_reader(name: str, data_root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+               **options) -> DatasetReader:
+    """Build the reader of dataset ``name``; raises :class:`DatasetError` on an unknown name or option."""
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(READERS)}")
+    allowed = reader_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise DatasetError(f"{name}: unknown reader option(s) {unknown}; accepted: {allowed or 'none'}")
+    return READERS[name](data_root, cache_dir=cache_dir, **options)
+
+
+__all__ = ["READERS", "NO_LABEL", "DatasetReader", "Record", "Skip", "fingerprint", "get_reader",
+           "parse_reader_options", "reader_options"]
