@@ -311,3 +311,20 @@ def test_preprocessors_are_picklable_for_worker_processes(name, media):
 def test_checkpoint_that_is_a_folder_is_reported(tmp_path):
     with pytest.raises(EncoderError, match="is not a file"):
         load_encoder("imagebind", checkpoint=tmp_path)
+
+
+def test_diff_backbones_reports_equal_and_changed_tensors(tmp_path, tiny_net):
+    from cmcl.extract.encoders.unibind import diff_backbones
+
+    ub = _unibind_file(tmp_path, tiny_net)
+    ib = _save(tiny_net.state_dict(), tmp_path / "imagebind_huge.pth")
+    same = diff_backbones(ub, ib)
+    assert same["identical"] and same["equal"] == len(tiny_net.state_dict()) and same["max_abs_diff"] == 0.0
+    changed = dict(tiny_net.state_dict())
+    changed["modality_heads.vision.2.weight"] = changed["modality_heads.vision.2.weight"] + 0.5
+    del changed["modality_heads.imu.3.weight"]
+    ib2 = _save(changed, tmp_path / "other.pth")
+    diff = diff_backbones(ub, ib2)
+    assert not diff["identical"] and diff["differing"][0][0] == "modality_heads.vision.2.weight"
+    assert diff["max_abs_diff"] == pytest.approx(0.5)
+    assert diff["only_unibind"] == ["modality_heads.imu.3.weight"]

@@ -83,3 +83,42 @@ def load_class_centres(path: str | os.PathLike) -> tuple[list[str], np.ndarray, 
     if len(dims) != 1:
         raise EncoderError(f"{path}: class centres have different widths {sorted(dims)}")
     return names, torch.stack(protos).numpy().astype(np.float32), centres
+
+
+def diff_backbones(unibind_checkpoint: str | os.PathLike, imagebind_checkpoint: str | os.PathLike, *,
+                   trust_pickle: bool = False) -> dict[str, object]:
+    """Compare UniBind's ``bind.*`` network with ``imagebind_huge.pth`` (an open question of the spec).
+
+    Both files are memory-mapped; tensors are compared one at a time. Returns a summary:
+    ``identical`` (bool), ``compared`` (keys in both), ``equal`` (bit-identical keys),
+    ``max_abs_diff`` (over all compared tensors), ``differing`` (up to 20 keys with their max
+    difference), ``only_unibind`` and ``only_imagebind`` (keys in one file only).
+    """
+    from cmcl.extract.encoders.imagebind import ImageBindEncoder
+
+    ub, _ = UniBindEncoder.split_state(UniBindEncoder.read_state(Path(unibind_checkpoint), trust_pickle=trust_pickle))
+    ib = ImageBindEncoder.read_state(Path(imagebind_checkpoint), trust_pickle=trust_pickle)
+    common = [k for k in ub if k in ib]
+    equal, worst, differing = 0, 0.0, []
+    for k in common:
+        a, b = ub[k], ib[k]
+        if a.shape != b.shape:
+            differing.append((k, float("inf")))
+            worst = float("inf")
+            continue
+        if torch.equal(a, b):  # also equal where both hold inf (the text mask)
+            equal += 1
+            continue
+        fa, fb = a.float(), b.float()
+        gap = torch.where(fa == fb, torch.zeros_like(fa), (fa - fb).abs())
+        d = float(gap.nan_to_num(nan=float("inf")).max())
+        differing.append((k, d))
+        worst = max(worst, d)
+    differing.sort(key=lambda kd: -kd[1])
+    return {
+        "identical": equal == len(common) and len(common) == len(ub) == len(ib),
+        "compared": len(common), "equal": equal, "max_abs_diff": worst,
+        "differing": differing[:20],
+        "only_unibind": sorted(k for k in ub if k not in ib),
+        "only_imagebind": sorted(k for k in ib if k not in ub),
+    }
