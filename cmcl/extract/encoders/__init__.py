@@ -19,7 +19,7 @@ from cmcl.extract.encoders.base import Encoder
 from cmcl.extract.encoders.checkpoints import KeyReport
 from cmcl.extract.encoders.imagebind import ImageBindEncoder
 from cmcl.extract.encoders.languagebind import LanguageBindEncoder
-from cmcl.extract.encoders.unibind import UniBindEncoder, load_class_centres
+from cmcl.extract.encoders.unibind import UniBindEncoder, diff_backbones, load_class_centres
 
 #: backbone name -> Encoder subclass. Real encoders register here by name (literal dict, no scan).
 ENCODERS: dict[str, type[Encoder]] = {
@@ -67,4 +67,4 @@ def check_checkpoint(name: str, checkpoint: str | os.PathLike | None, **options:
     return _encoder_class(name).check_checkpoint(checkpoint, **options)
 
 
-__all__ = ["ENCODERS", "Encoder", "check_checkpoint", "load_class_centres", "load_encoder"]
+__all__ = ["ENCODERS", "Encoder", "check_checkpoint", "diff_backbones", "load_class_centres", "load_encoder"]
