@@ -32,3 +32,7 @@ class DatasetError(CMCLError):
 
 class ExtractError(CMCLError):
     """An extraction run cannot start, resume or finish (too many bad media files, mismatched resume)."""
+
+
+class EncoderError(CMCLError):
+    """An encoder cannot be built: a missing or mismatched checkpoint, tokenizer file or media file."""

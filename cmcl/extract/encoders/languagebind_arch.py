@@ -1,0 +1,329 @@
+"""The LanguageBind dual encoder (HF-CLIP layout), written for inference.
+
+One LanguageBind checkpoint folder (``LanguageBind_Image``, ``_Video_FT``, ``_Audio_FT``, ``_Depth``,
+``_Thermal``...) holds ``config.json`` and the weights of a CLIP-style pair: ``text_model``,
+``vision_model``, ``text_projection``, ``visual_projection`` and ``logit_scale``. The module names
+below reproduce those keys so the files load strictly. Two LanguageBind-specific parts:
+
+* video towers (``add_time_attn``) add, in every vision layer, a ``temporal_embedding`` and a
+  ``temporal_attn`` (with ``temporal_layer_norm1``) over the frames of each patch position, and
+  average the pooled, post-normed CLS over frames;
+* audio towers see a 3-channel (mel bins x frames) "image" and have a non-square position table.
+
+LoRA checkpoints (peft-wrapped ``vision_model.encoder``) are merged into plain weights on load by
+:func:`merge_lora`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmcl.errors import EncoderError
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    vocab_size: int = 49408
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    patch_size: int = 32
+    image_size: int = 224
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    add_time_attn: bool = False
+    num_frames: int = 1
+    num_mel_bins: int = 0
+    target_length: int = 0
+    lora_r: int = 0
+    lora_alpha: int = 16
+    max_depth: float = 10.0
+    audio_sample_rate: int = 16000
+    audio_mean: float = -4.2677393
+    audio_std: float = 4.5689974
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid: (mel//p, frames//p) for audio towers, else (image//p, image//p)."""
+        if self.num_mel_bins and self.target_length:
+            return self.num_mel_bins // self.patch_size, self.target_length // self.patch_size
+        size = self.image_size[0] if isinstance(self.image_size, (list, tuple)) else self.image_size
+        return size // self.patch_size, size // self.patch_size
+
+
+@dataclass(frozen=True)
+class LanguageBindConfig:
+    """The fields of a LanguageBind ``config.json`` that shape the network (HF defaults otherwise)."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projection_dim: int = 512
+    model_type: str = ""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LanguageBindConfig:
+        def pick(klass, sub: Mapping[str, Any] | None):
+            names = {f.name for f in fields(klass)}
+            return klass(**{k: v for k, v in (sub or {}).items() if k in names})
+
+        vision = dict(d.get("vision_config") or {})
+        if isinstance(vision.get("image_size"), (list, tuple)):
+            vision["image_size"] = int(vision["image_size"][0])
+        return cls(text=pick(TextConfig, d.get("text_config")), vision=pick(VisionConfig, vision),
+                   projection_dim=int(d.get("projection_dim", 512)), model_type=str(d.get("model_type", "")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, "projection_dim": self.projection_dim,
+                "text_config": asdict(self.text), "vision_config": asdict(self.vision)}
+
+
+def _act(name: str):
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise EncoderError(f"unsupported hidden_act {name!r} in a LanguageBind config")
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        b, n, d = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                           is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.act = _act(act)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _Layer(nn.Module):
+    def __init__(self, dim: int, inter: int, heads: int, act: str, eps: float, frames: int = 0) -> None:
+        super().__init__()
+        self.self_attn = _Attention(dim, heads)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = _Mlp(dim, inter, act)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.frames = frames
+        if frames:
+            self.temporal_embedding = nn.Parameter(torch.randn(1, frames, dim) * dim ** -0.5)
+            self.temporal_attn = _Attention(dim, heads)
+            self.temporal_layer_norm1 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        if self.frames:
+            t = self.frames
+            bt, n, d = x.shape
+            # (b t) n d -> (b n) t d: attend over the frames of each token position
+            xt = x.reshape(bt // t, t, n, d).transpose(1, 2).reshape(-1, t, d)
+            if t != 1:
+                xt = xt + self.temporal_embedding[:, :t]
+            h = self.temporal_attn(self.temporal_layer_norm1(xt))
+            x = (xt + h).reshape(bt // t, n, t, d).transpose(1, 2).reshape(bt, n, d)
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, n: int, *args, **kw) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Layer(*args, **kw) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, causal)
+        return x
+
+
+class _TextEmbeddings(nn.Module):
+    def __init__(self, c: TextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+
+
+class _TextTransformer(nn.Module):
+    def __init__(self, c: TextConfig) -> None:
+        super().__init__()
+        self.embeddings = _TextEmbeddings(c)
+        self.encoder = _Encoder(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                c.hidden_act, c.layer_norm_eps)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        pos = torch.arange(n, device=ids.device)
+        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding(pos)[None]
+        x = self.final_layer_norm(self.encoder(x, causal=True))
+        return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]  # EOT has the largest id
+
+
+class _VisionEmbeddings(nn.Module):
+    def __init__(self, c: VisionConfig) -> None:
+        super().__init__()
+        gh, gw = c.grid
+        self.class_embedding = nn.Parameter(torch.randn(c.hidden_size) * c.hidden_size ** -0.5)
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(gh * gw + 1, c.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(x).flatten(2).transpose(1, 2)
+        if patches.shape[1] + 1 != self.position_embedding.num_embeddings:
+            raise ValueError(f"input of shape {tuple(x.shape)} gives {patches.shape[1]} patches, "
+                             f"the model expects {self.position_embedding.num_embeddings - 1}")
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight[None]
+
+
+class _VisionTransformer(nn.Module):
+    def __init__(self, c: VisionConfig) -> None:
+        super().__init__()
+        self.embeddings = _VisionEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # sic: HF's spelling
+        self.encoder = _Encoder(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                c.hidden_act, c.layer_norm_eps, frames=c.num_frames if c.add_time_attn else 0)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5:  # (B, C, T, H, W) video
+            b, t = x.shape[0], x.shape[2]
+            x = x.transpose(1, 2).reshape(b * t, *x.shape[1:2], *x.shape[3:])
+        else:
+            b, t = x.shape[0], 1
+        h = self.encoder(self.pre_layrnorm(self.embeddings(x)))
+        pooled = self.post_layernorm(h[:, 0])
+        return pooled.reshape(b, t, -1).mean(1)
+
+
+class LanguageBindNet(nn.Module):
+    """One LanguageBind checkpoint: ``embed_text(ids)`` and ``embed_vision(pixels)`` give the
+    un-normalised projected features (``get_text_features`` / ``get_image_features``)."""
+
+    def __init__(self, cfg: LanguageBindConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = _TextTransformer(cfg.text)
+        self.vision_model = _VisionTransformer(cfg.vision)
+        self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
+        self.text_projection = nn.Linear(cfg.text.hidden_size, cfg.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(self.text_model(ids))
+
+    def embed_vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(self.vision_model(pixels))
+
+
+def build_languagebind(cfg: LanguageBindConfig, *, device: str | torch.device = "cpu",
+                       seed: int | None = 0) -> LanguageBindNet:
+    if seed is not None and str(device) != "meta":
+        torch.manual_seed(seed)
+    with torch.device(device):
+        net = LanguageBindNet(cfg).eval()
+    return net.requires_grad_(False)
+
+
+_LORA = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def merge_lora(state: Mapping[str, torch.Tensor], alpha: float | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Undo peft wrapping of ``vision_model.encoder`` and fold LoRA updates into the weights.
+
+    Keys ``vision_model.encoder.base_model.model.X`` become ``vision_model.encoder.X`` and
+    ``...base_layer.weight`` becomes ``...weight``; each ``lora_A``/``lora_B`` pair adds
+    ``(alpha / r) * B @ A`` (r = rows of A) to its base weight. Returns the plain state dict and the
+    number of merged LoRA pairs.
+    """
+    plain: dict[str, torch.Tensor] = {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        key = key.replace(".base_model.model.", ".").replace(".base_layer.", ".")
+        m = _LORA.match(key)
+        if m:
+            lora.setdefault(m["base"], {})[m["ab"]] = value
+        else:
+            plain[key] = value
+    for base, ab in lora.items():
+        if set(ab) != {"A", "B"} or f"{base}.weight" not in plain:
+            raise EncoderError(f"incomplete LoRA entry for {base} (have {sorted(ab)})")
+        a, b = ab["A"].float(), ab["B"].float()
+        r = a.shape[0]
+        w = plain[f"{base}.weight"]
+        plain[f"{base}.weight"] = (w.float() + (alpha if alpha is not None else r) / r * (b @ a)).to(w.dtype)
+    return plain, len(lora)
+
+
+def tiny_config(kind: str) -> LanguageBindConfig:
+    """Tiny configurations of the five towers (text/vision width 32, 1 layer, 2 heads, projection 16)."""
+    text = TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      hidden_act="gelu")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  patch_size=14, image_size=224, hidden_act="gelu")
+    if kind == "video":
+        vision.update(add_time_attn=True, num_frames=8)
+    if kind == "audio":
+        vision.update(num_mel_bins=112, target_length=1036)
+    return LanguageBindConfig(text=text, vision=VisionConfig(**vision), projection_dim=16,
+                              model_type=f"LanguageBind{kind.capitalize()}")
+
+
+def large_config(kind: str) -> LanguageBindConfig:
+    """The released Large configuration (ViT-L/14 vision, 768-wide text, projection 768)."""
+    text = TextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      hidden_act="gelu")
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  patch_size=14, image_size=224, hidden_act="gelu")
+    if kind == "video":
+        vision.update(add_time_attn=True, num_frames=8)
+    if kind == "audio":
+        vision.update(num_mel_bins=112, target_length=1036)
+    return LanguageBindConfig(text=text, vision=VisionConfig(**vision), projection_dim=768,
+                              model_type=f"LanguageBind{kind.capitalize()}")
+
+
+def param_count(cfg: LanguageBindConfig) -> int:
+    net = build_languagebind(cfg, device="meta")
+    return sum(p.numel() for p in net.parameters())
+
+
+__all__ = ["LanguageBindConfig", "LanguageBindNet", "TextConfig", "VisionConfig", "build_languagebind",
+           "large_config", "merge_lora", "tiny_config"]
