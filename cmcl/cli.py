@@ -47,6 +47,7 @@ def _setup_logging(quiet: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
+    log.handlers[0].setStream(sys.stderr)  # the current stderr (it changes under click's test runner)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
 
@@ -132,38 +133,124 @@ def cli() -> None:
 
 # ------------------------------------------------------------------------------------- extract
 @cli.command()
-@click.option("--backbone", required=True, help="Encoder name. 'synthetic' simulates a binding space (no weights).")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--backbone", default=None,
+              help="'synthetic' (simulated binding space, no weights) or a real encoder: imagebind, languagebind, unibind.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
               help="Feature-cache root; files go to OUT/<backbone>/<dataset>/<split>.h5.")
+@click.option("--dataset", "dataset_list", multiple=True,
+              help="Dataset(s) to embed, repeatable or comma-separated (synthetic: default all seven).")
+@click.option("--datasets", default=None, hidden=True, help="Alias of --dataset (comma-separated).")
+@click.option("--split", default="all", show_default=True, type=click.Choice(["train", "test", "all"]))
+@click.option("--data-root", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder holding the datasets (docs/datasets.md gives the expected layouts).")
+@click.option("--checkpoint", default=None, help="Weights file (imagebind, unibind) or folder (languagebind); "
+              "default: $CMCL_<BACKBONE>_CHECKPOINT.")
+@click.option("--random-weights", default=None, type=click.Choice(["tiny", "huge", "large"]),
+              help="Build the encoder with random weights instead of loading them (smoke tests; shards say so).")
+@click.option("--tokenizer", default=None, help="CLIP BPE merges file or tokenizer folder (default: $CMCL_CLIP_BPE "
+              "or the checkpoint folder).")
+@click.option("--text-checkpoint", default=None, help="languagebind: the text tower to use (recorded in the shard).")
+@click.option("--trust-checkpoint-pickle", is_flag=True,
+              help="Allow the full unpickler for checkpoints that need it (only for files you trust).")
+@click.option("--check-checkpoint", is_flag=True,
+              help="Only check that the checkpoint's parameter names and shapes fit the architecture, then exit.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda:LOCAL_RANK when available), cpu, cuda[:N].")
+@click.option("--fp16", is_flag=True, help="Run the encoder in float16 (outputs are float32, renormalised).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Processes decoding and preprocessing media.")
+@click.option("--limit", type=click.IntRange(min=1), help="Embed only the first N records of each split (smoke runs).")
+@click.option("--max-failures", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Bad media files tolerated (listed in <split>.failures.csv) before the run stops.")
+@click.option("--num-shards", type=click.IntRange(min=1), help="Split the work into N shard files (job arrays); "
+              "under torchrun the rank and world size are used.")
+@click.option("--shard", type=click.IntRange(min=0), help="Which shard this process writes (with --num-shards).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where readers put media they derive (ESC-50 WAVs, VGGSound audio) [default: OUT/.media].")
+@click.option("--reader-option", "-r", "reader_opts", multiple=True, metavar="KEY=VALUE",
+              help="Reader option, repeatable; DATASET.KEY=VALUE scopes it (e.g. -r vggsound_s.manifest=ids.csv).")
+@click.option("--verify", "verify_root", type=click.Path(file_okay=False, path_type=Path),
+              help="Re-check every shard under this cache root (and, with --data-root, ids against the readers).")
 @click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="synthetic: multiply the paper's split sizes.")
 @click.option("--seed", default=0, show_default=True, type=int, help="synthetic: generator seed.")
 @click.option("--dim", default=1024, show_default=True, type=click.IntRange(min=16),
               help="synthetic: embedding width (ImageBind and UniBind: 1024, LanguageBind: 768).")
-@click.option("--datasets", default=None, help="synthetic: comma-separated subset of the seven datasets.")
-@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files instead of keeping or resuming them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or info messages.")
 @user_errors
-def extract(backbone: str, out: Path, scale: float, seed: int, dim: int, datasets: str | None,
-            overwrite: bool, quiet: bool) -> None:
-    """Write the feature cache for a backbone.
+def extract(backbone: str | None, out: Path | None, dataset_list: tuple[str, ...], datasets: str | None, split: str,
+            data_root: Path | None, checkpoint: str | None, random_weights: str | None, tokenizer: str | None,
+            text_checkpoint: str | None, trust_checkpoint_pickle: bool, check_checkpoint: bool, device: str,
+            fp16: bool, batch_size: int, workers: int, limit: int | None, max_failures: int,
+            num_shards: int | None, shard: int | None, cache_dir: Path | None, reader_opts: tuple[str, ...],
+            verify_root: Path | None, scale: float, seed: int, dim: int, overwrite: bool, quiet: bool) -> None:
+    """Run a frozen encoder once and write the feature cache.
 
-    With --backbone synthetic this writes the paper's seven datasets (UCF101, ESC-50, NYUDv2,
-    Clotho, VGGSound-S, TVL, LLVIP) at their sizes times --scale, drawn from a simulated binding
-    space (docs/synthetic.md).
+    \b
+    Synthetic default (no weights, no media):
+      cmcl extract --backbone synthetic --out features
+    A real encoder on a dataset (resumable; under torchrun every rank writes its own shard):
+      cmcl extract --backbone imagebind --checkpoint imagebind_huge.pth \\
+                   --dataset esc50 --data-root data --out features
+    Check a checkpoint before a long run, or re-check a cache:
+      cmcl extract --backbone imagebind --checkpoint imagebind_huge.pth --check-checkpoint
+      cmcl extract --verify features
     """
     _setup_logging(quiet)
-    if backbone != "synthetic":
-        from cmcl.extract.encoders import ENCODERS
+    names = [n for item in (*dataset_list, *([datasets] if datasets else [])) for n in _split_list(item, "--dataset")]
+    if verify_root is not None:
+        from cmcl.data.readers import parse_reader_options
+        from cmcl.extract.verify import verify
 
-        known = ", ".join(["synthetic", *sorted(ENCODERS)])
-        raise ConfigError(f"--backbone {backbone!r} is not available in this build (available: {known})")
-    from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
+        opts = {d: parse_reader_options(d, reader_opts) for d in names} if reader_opts else None
+        report = verify(verify_root, backbone=backbone, datasets=names or None, data_root=data_root,
+                        cache_dir=cache_dir, reader_options=opts)
+        click.echo(report.format())
+        if not report.ok:
+            raise UserError(f"{verify_root}: the cache has problems (listed above)")
+        return
+    if not backbone:
+        raise ConfigError("--backbone is required (or --verify FEATURES)")
+    if backbone == "synthetic":
+        if out is None:
+            raise ConfigError("--out is required")
+        from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
 
-    names = _split_list(datasets, "--datasets") if datasets else None
-    paths = write_synthetic(out, SyntheticConfig(dim=dim, scale=scale, seed=seed), datasets=names,
-                            overwrite=overwrite, progress=not quiet)
-    log.info("wrote %d splits under %s", len(paths), out / "synthetic")
+        paths = write_synthetic(out, SyntheticConfig(dim=dim, scale=scale, seed=seed), datasets=names or None,
+                                overwrite=overwrite, progress=not quiet)
+        log.info("wrote %d splits under %s", len(paths), out / "synthetic")
+        return
+    from cmcl.extract.encoders import ENCODERS, check_checkpoint as check_ckpt, load_encoder
+
+    if backbone not in ENCODERS:
+        raise ConfigError(f"--backbone {backbone!r} is unknown (available: synthetic, {', '.join(sorted(ENCODERS))})")
+    if check_checkpoint:
+        report = check_ckpt(backbone, checkpoint, trust_pickle=trust_checkpoint_pickle)
+        click.echo(report.summary())
+        if not report.ok:
+            raise UserError(f"{checkpoint or backbone}: the checkpoint does not fit the {backbone} architecture")
+        return
+    if out is None or not names or data_root is None:
+        raise ConfigError("--out, --dataset and --data-root are required with a real backbone")
+    from cmcl.data.catalog import DATASETS
+    from cmcl.data.readers import parse_reader_options
+    from cmcl.extract.engine import describe, extract as run_extract, local_device
+
+    dev = local_device() if device == "auto" else _device(device)
+    for name in names:
+        options = {"modalities": DATASETS[name].modalities} if name in DATASETS else {}
+        if tokenizer:
+            options["tokenizer"] = tokenizer
+        if text_checkpoint:
+            options["text_checkpoint"] = text_checkpoint
+        encoder = load_encoder(backbone, checkpoint=checkpoint, random_weights=random_weights, device=dev, fp16=fp16,
+                               trust_pickle=trust_checkpoint_pickle, **options)
+        for res in run_extract(encoder, name, split, data_root, out, limit=limit, overwrite=overwrite,
+                               max_failures=max_failures, num_shards=num_shards, shard=shard, workers=workers,
+                               batch_size=batch_size, cache_dir=cache_dir,
+                               reader_options=parse_reader_options(name, reader_opts), progress=not quiet):
+            click.echo(describe(res))
 
 
 # ------------------------------------------------------------------------------------- train
