@@ -9,7 +9,7 @@ import torch
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.config import Harness
 from cmcl.train.learners import ModalityLearners, PairOutput
-from cmcl.train.strategies import get_strategy
+from cmcl.train.strategies import co2l, get_strategy
 from cmcl.train.strategies.base import Objective
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
@@ -96,14 +96,14 @@ def pairs(n, seed, pair, step, d=8):
     return PairedFeatures.from_arrays(x.astype(np.float32), y.astype(np.float32), pair, step)
 
 
-def test_four_backward_passes_per_update_and_parameters_restored():
+def test_four_backward_passes_per_update_and_parameters_restored(monkeypatch):
     torch.manual_seed(0)
     learners = ModalityLearners(["text", "audio", "vision", "depth", "video"], 8)
     strategy = get_strategy("cflat", buffer_size=8)
     strategy.setup(learners, Objective())
     frozen = Harness(lr=0.0, weight_decay=0.0, decay_bias=True, linear_decay=False, clip_norm=1.0)
     moving = Harness(lr=1e-2, weight_decay=1e-2, decay_bias=False, linear_decay=True, clip_norm=1.0)
-    backward, teacher_calls = [], []
+    backward, teacher_calls, target_calls = [], [], []
     losses = strategy.losses
 
     def counting(batch, out):
@@ -114,21 +114,19 @@ def test_four_backward_passes_per_update_and_parameters_restored():
     res = fit_step(learners, strategy, StepInfo(1, "A", ("vision", "depth"), 1), pairs(40, 1, ("vision", "depth"), 1),
                    harness=moving, epochs=1, batch_size=16)
     assert len(backward) == 4 * res.updates == 12
-    # step 2 (with IRD) at lr 0: every perturbation undone, the teacher evaluated once per update
-    teacher_forward = None
-
-    def count_teacher(step, data):
-        nonlocal teacher_forward
-        type(strategy).before_step(strategy, step, data)
-        teacher_forward = strategy.teacher.forward_pairs
-        strategy.teacher.forward_pairs = lambda batch: (teacher_calls.append(1), teacher_forward(batch))[1]
-
-    strategy.before_step = count_teacher
+    # step 2 (with IRD) at lr 0: every perturbation undone; the teacher's targets built once per
+    # update (they do not depend on θ) and the teacher's outputs once per step
+    real_targets = co2l.relation_targets
+    monkeypatch.setattr(co2l, "relation_targets", lambda *a: (target_calls.append(1), real_targets(*a))[1])
+    real_forward = ModalityLearners.forward_pairs
+    monkeypatch.setattr(ModalityLearners, "forward_pairs",
+                        lambda self, batch: (teacher_calls.append(1) if self is strategy.teacher else None,
+                                             real_forward(self, batch))[1])
     before = [p.detach().clone() for p in learners.parameters()]
     backward.clear()
     res = fit_step(learners, strategy, StepInfo(2, "B", ("text", "audio"), 2), pairs(40, 2, ("text", "audio"), 2),
                    harness=frozen, epochs=1, batch_size=16)
-    assert len(backward) == 4 * res.updates and len(teacher_calls) == res.updates
+    assert len(backward) == 4 * res.updates and len(target_calls) == res.updates and len(teacher_calls) == 1
     assert all(torch.equal(p, q) for p, q in zip(learners.parameters(), before))
     report = strategy.report()
     assert report["cflat/e0_norm"] == pytest.approx(0.2, rel=1e-4)

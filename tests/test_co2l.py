@@ -149,3 +149,24 @@ def test_teacher_is_frozen_during_the_step_and_the_buffer_is_merged():
     assert abs(report2["co2l/ird_loss"] - float(res.losses["ird_loss"].mean())) < 1e-5
     # the snapshot was the learners at the start of step 2, not the initial ones
     assert not torch.equal(seen["start"], flat(jittered_learners()))
+
+
+def test_precomputed_teacher_outputs_match_the_frozen_teacher():
+    learners = jittered_learners(2)
+    strategy = get_strategy("co2l", buffer_size=6)
+    strategy.setup(learners, Objective())
+    step1 = StepInfo(1, "A", ("vision", "depth"), 1)
+    strategy.before_step(step1, pairs(20, 1, ("vision", "depth"), 1))
+    strategy.after_step(step1, pairs(20, 1, ("vision", "depth"), 1))
+    step2 = StepInfo(2, "B", ("text", "audio"), 2)
+    data = pairs(30, 2, ("text", "audio"), 2)
+    strategy.before_step(step2, data)
+    train = strategy.training_set(step2, data)
+    assert len(train) == 36
+    batch = train.select(torch.tensor([35, 3, 31, 0, 7, 33]))        # mixed pairs, any order
+    assert batch.row.tolist() == [35, 3, 31, 0, 7, 33]
+    plain = PairedFeatures(batch.xa, batch.xb, batch.ma, batch.mb, batch.step, batch.labels, batch.ids)
+    with torch.no_grad():
+        direct = relation_targets(stacked_unit(strategy.teacher.forward_pairs(plain)), strategy.kappa_past)
+    torch.testing.assert_close(strategy._teacher_targets(batch), direct, rtol=1e-5, atol=1e-6)
+    assert torch.equal(strategy._teacher_targets(plain), direct)

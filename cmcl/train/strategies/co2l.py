@@ -22,7 +22,7 @@ the trainer sums them. C-Flat (:mod:`.cflat`) and CILA (:mod:`.cila`) reuse this
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -86,6 +86,36 @@ def stacked_unit(out: PairOutput) -> torch.Tensor:
     return F.normalize(torch.cat([out.u, out.v]), dim=1)
 
 
+_BLOCK = 8192
+
+
+@dataclass
+class IndexedRows(PairedFeatures):
+    """A training set whose batches remember their rows' positions in it.
+
+    The trainer batches with :meth:`select`, so a batch of these carries ``row`` and the teacher's
+    outputs, computed once per step for the whole training set, are looked up instead of being
+    recomputed at every update (the teacher is frozen within a step).
+    """
+
+    row: torch.Tensor
+
+    @classmethod
+    def wrap(cls, data: PairedFeatures) -> "IndexedRows":
+        """``data`` with rows numbered 0..N-1."""
+        fields = {k: getattr(data, k) for k in ("xa", "xb", "ma", "mb", "step", "labels", "ids")}
+        return cls(**fields, row=torch.arange(len(data), device=data.xa.device))
+
+    def select(self, rows: torch.Tensor | Any | slice) -> "IndexedRows":
+        base = super().select(rows)
+        index = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.int64).to(self.row.device)
+        return IndexedRows(**{k: getattr(base, k) for k in ("xa", "xb", "ma", "mb", "step", "labels", "ids")},
+                           row=self.row[index])
+
+    def to(self, device: torch.device | str) -> "IndexedRows":
+        return replace(super().to(device), row=self.row.to(device))
+
+
 class Co2L(Strategy):
     """Asymmetric replay contrastive loss plus instance-wise relation distillation."""
 
@@ -125,6 +155,7 @@ class Co2L(Strategy):
         # C-Flat evaluates the same batch several times: the teacher's targets are then cached.
         self._cache_targets = False
         self._targets: torch.Tensor | None = None
+        self._teacher_rows: torch.Tensor | None = None   # (N, 2, d) normalised teacher outputs
         self._report: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks
@@ -146,7 +177,7 @@ class Co2L(Strategy):
         self._step_index = step.index
         self._gen = torch.Generator().manual_seed(step.seed)
         self._sums, self._updates, self._raw = None, 0, None
-        self.teacher = None
+        self.teacher, self._teacher_rows = None, None
         if self.distilling:
             # A frozen copy of every learner: buffered rows are projected with their own ones.
             self.teacher = copy.deepcopy(self.learners).requires_grad_(False)
@@ -162,7 +193,18 @@ class Co2L(Strategy):
         data = self._own_rows(step, data)
         stored = self.buffer.features()
         self._replay_rows = 0 if stored is None else len(stored)
-        return data if stored is None else PairedFeatures.concat([data, stored.to(data.xa.device)])
+        train = data if stored is None else PairedFeatures.concat([data, stored.to(data.xa.device)])
+        if not self.distilling:
+            return train
+        # The teacher's normalised outputs of every training row, once: O(N d²) per step rather
+        # than per epoch, and no mixed-batch teacher forward at each update.
+        with torch.no_grad():
+            blocks = []
+            for lo in range(0, len(train), _BLOCK):
+                out = self.teacher.forward_pairs(train.select(slice(lo, lo + _BLOCK)))
+                blocks.append(torch.stack([F.normalize(out.u, dim=1), F.normalize(out.v, dim=1)], dim=1))
+            self._teacher_rows = torch.cat(blocks)
+        return IndexedRows.wrap(train)
 
     def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
         if self._replay_rows == 0:
@@ -182,7 +224,13 @@ class Co2L(Strategy):
         if self._cache_targets and self._targets is not None:
             return self._targets
         with torch.no_grad():
-            targets = relation_targets(stacked_unit(self.teacher.forward_pairs(batch)), self.kappa_past)
+            row = getattr(batch, "row", None)
+            if row is not None and self._teacher_rows is not None:
+                z = self._teacher_rows[row]
+                z_teacher = torch.cat([z[:, 0], z[:, 1]])
+            else:   # a batch not drawn from training_set's rows: run the frozen teacher
+                z_teacher = stacked_unit(self.teacher.forward_pairs(batch))
+            targets = relation_targets(z_teacher, self.kappa_past)
         if self._cache_targets:
             self._targets = targets
         return targets
@@ -208,8 +256,7 @@ class Co2L(Strategy):
 
     def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
         self.buffer.fill_balanced(self._own_rows(step, data), step.index, self._gen)
-        self.teacher = None
-        self._targets = None
+        self.teacher, self._teacher_rows, self._targets = None, None, None
         report: dict[str, float] = {f"{self.name}/replay_rows": float(self._replay_rows)}
         means = self.step_means()
         if means is not None:
