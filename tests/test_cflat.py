@@ -78,7 +78,7 @@ def test_closed_form_on_a_quadratic(rho, lambda_cf):
 
 
 def test_rho_zero_gives_the_plain_gradient():
-    strategy, learners, h, theta, closure, grad, _ = quadratic_setup(0.0, 0.2)
+    strategy, _, _, theta, closure, grad, _ = quadratic_setup(0.0, 0.2)
     t0 = theta().detach().clone()
     closure()
     plain = grad().clone()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
@@ -12,7 +10,12 @@ from cmcl.train.config import Harness
 from cmcl.train.learners import ModalityLearners
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
-from cmcl.train.strategies.co2l import asymmetric_contrastive, relation_distillation, relation_targets, stacked_unit
+from cmcl.train.strategies.co2l import (
+    asymmetric_contrastive,
+    relation_distillation,
+    relation_targets,
+    stacked_unit,
+)
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 

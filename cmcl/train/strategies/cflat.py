@@ -65,8 +65,7 @@ class CFlat(Co2L):
         self._cache_targets, self._targets = True, None
         try:
             first = closure()
-            if self._raw is not None:
-                self._record()
+            self._record()                  # the loss terms at θ, not at the perturbed points
             self._flat_gradient(closure)
         finally:
             self._cache_targets, self._targets = False, None

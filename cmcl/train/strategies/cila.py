@@ -17,7 +17,8 @@ Averaging over all updates (rather than Co2L's per-epoch logs) is this implement
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.strategies.co2l import Co2L

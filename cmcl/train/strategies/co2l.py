@@ -22,8 +22,9 @@ the trainer sums them. C-Flat (:mod:`.cflat`) and CILA (:mod:`.cila`) reuse this
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,18 +102,18 @@ class IndexedRows(PairedFeatures):
     row: torch.Tensor
 
     @classmethod
-    def wrap(cls, data: PairedFeatures) -> "IndexedRows":
+    def wrap(cls, data: PairedFeatures) -> IndexedRows:
         """``data`` with rows numbered 0..N-1."""
         fields = {k: getattr(data, k) for k in ("xa", "xb", "ma", "mb", "step", "labels", "ids")}
         return cls(**fields, row=torch.arange(len(data), device=data.xa.device))
 
-    def select(self, rows: torch.Tensor | Any | slice) -> "IndexedRows":
+    def select(self, rows: torch.Tensor | Any | slice) -> IndexedRows:
         base = super().select(rows)
         index = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.int64).to(self.row.device)
         return IndexedRows(**{k: getattr(base, k) for k in ("xa", "xb", "ma", "mb", "step", "labels", "ids")},
                            row=self.row[index])
 
-    def to(self, device: torch.device | str) -> "IndexedRows":
+    def to(self, device: torch.device | str) -> IndexedRows:
         return replace(super().to(device), row=self.row.to(device))
 
 
@@ -242,7 +243,9 @@ class Co2L(Strategy):
 
     def _record(self) -> None:
         """Add the last evaluation's raw terms to the step's running sums (no host sync)."""
-        asym, ird = self._raw
+        if self._raw is None:      # a closure that did not go through :meth:`losses`
+            return
+        (asym, ird), self._raw = self._raw, None
         pair = torch.stack([asym, ird if ird is not None else torch.zeros_like(asym)]).float()
         self._sums = pair if self._sums is None else self._sums + pair
         self._updates += 1
