@@ -11,12 +11,18 @@ from typing import Any, Mapping
 
 from cmcl.errors import ConfigError
 from cmcl.train.strategies.base import Objective, Strategy
+from cmcl.train.strategies.cflat import CFlat
+from cmcl.train.strategies.cila import CILA
+from cmcl.train.strategies.co2l import Co2L
 from cmcl.train.strategies.dns import DNS
 from cmcl.train.strategies.vanilla import Vanilla
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "vanilla": Vanilla,
     "dns": DNS,
+    "co2l": Co2L,
+    "cflat": CFlat,
+    "cila": CILA,
 }
 
 #: The paper's Table 2 order; strategies not listed follow alphabetically.

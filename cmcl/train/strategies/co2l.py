@@ -1,0 +1,284 @@
+"""Co2L: contrastive continual learning with asymmetric replay and relation distillation.
+
+Cha et al., ICCV 2021, mapped onto paired embeddings and per-modality linear learners as in
+baselines.md §7:
+
+* **Replay.** A step-balanced buffer (policy S, M = ``buffer_size``) refilled at the end of each
+  step; during step t the training set is ``D_t ∪ buffer`` (replay rows merged into the data, as
+  Co2L does, not drawn as a separate batch). Buffered rows keep their own modality pair, and the
+  mixed batches are projected with each row's own learners.
+* **Asymmetric contrastive loss.** Only current rows are anchors; buffered rows act as extra
+  negatives: ``L_asym = (1/|C|) Σ_{i∈C} -log softmax_j(u_i·v_j/τ)[i]`` over every column j of the
+  batch. It is the run's InfoNCE exactly when the batch holds no buffered row (step 1).
+* **Instance-wise relation distillation (IRD).** Over the 2n L2-normalised embeddings
+  ``Z = normalise([U; V])``, the student's row-softmax over the other 2n-1 similarities at
+  temperature κ is pulled towards a frozen teacher's (the learners at the start of the step) at
+  κ*: ``L_IRD = (1/2n) Σ_r Σ_{s≠r} -p*_rs log p_rs``. Active from step 2 on.
+
+The loss terms are ``asym_loss`` and ``ird_loss`` (already multiplied by the distillation weight);
+the trainer sums them. C-Flat (:mod:`.cflat`) and CILA (:mod:`.cila`) reuse this class.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cmcl.data.paired import PairedFeatures
+from cmcl.train.learners import ModalityLearners, PairOutput
+from cmcl.train.strategies.base import Closure, Losses, Objective, Strategy
+from cmcl.train.strategies.buffer import ReplayBuffer
+from cmcl.types import StepInfo
+
+
+def asymmetric_contrastive(u: torch.Tensor, v: torch.Tensor, current: torch.Tensor, *,
+                           temperature: float = 1.0, direction: str = "a2b") -> torch.Tensor:
+    """InfoNCE whose anchors are the ``current`` rows only; every column is a candidate.
+
+    Args:
+        u, v: (n, d) outputs of the a and b learners, row-aligned.
+        current: (n,) bool, rows of the current step (buffered rows are negatives only).
+        temperature: τ.
+        direction: ``"a2b"`` (rows of ``u`` are anchors) or ``"symmetric"`` (mean of a→b and b→a,
+            both anchored on the current rows).
+
+    Returns:
+        The mean over current anchors; 0 (with a zero gradient) when there is none.
+    """
+    logits = u @ v.T
+    if temperature != 1.0:
+        logits = logits / temperature
+    count = current.sum().clamp_min(1)
+    # torch.where, not a product: a masked row never leaks into the value, even if non-finite.
+    loss = -torch.where(current, torch.log_softmax(logits, dim=1).diagonal(), 0.0).sum() / count
+    if direction == "a2b":
+        return loss
+    if direction == "symmetric":
+        back = -torch.where(current, torch.log_softmax(logits, dim=0).diagonal(), 0.0).sum() / count
+        return 0.5 * (loss + back)
+    raise ValueError(f"unknown loss direction {direction!r}")
+
+
+def relation_targets(z_teacher: torch.Tensor, kappa_past: float) -> torch.Tensor:
+    """The teacher's relation distribution p*: row softmax of ``Z* Z*ᵀ/κ*`` without the diagonal."""
+    eye = torch.eye(z_teacher.shape[0], dtype=torch.bool, device=z_teacher.device)
+    return torch.softmax((z_teacher @ z_teacher.T / kappa_past).masked_fill(eye, float("-inf")), dim=1)
+
+
+def relation_distillation(z: torch.Tensor, targets: torch.Tensor, kappa: float) -> torch.Tensor:
+    """IRD: the mean over rows of the cross-entropy from ``targets`` (p*) to the student's p.
+
+    ``z`` are the student's normalised embeddings (2n, d); the diagonal s = r is masked to -inf
+    before the softmax (``log_softmax`` subtracts the row max of the remaining entries), so p_rr
+    is never formed, and its log is zeroed so that ``0·log 0`` does not produce a NaN.
+    """
+    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    logp = torch.log_softmax((z @ z.T / kappa).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
+    return -(targets * logp).sum(dim=1).mean()
+
+
+def stacked_unit(out: PairOutput) -> torch.Tensor:
+    """``normalise([U; V])`` row-wise: the 2n embeddings IRD relates."""
+    return F.normalize(torch.cat([out.u, out.v]), dim=1)
+
+
+_BLOCK = 8192
+
+
+@dataclass
+class IndexedRows(PairedFeatures):
+    """A training set whose batches remember their rows' positions in it.
+
+    The trainer batches with :meth:`select`, so a batch of these carries ``row`` and the teacher's
+    outputs, computed once per step for the whole training set, are looked up instead of being
+    recomputed at every update (the teacher is frozen within a step).
+    """
+
+    row: torch.Tensor
+
+    @classmethod
+    def wrap(cls, data: PairedFeatures) -> IndexedRows:
+        """``data`` with rows numbered 0..N-1."""
+        fields = {k: getattr(data, k) for k in ("xa", "xb", "ma", "mb", "step", "labels", "ids")}
+        return cls(**fields, row=torch.arange(len(data), device=data.xa.device))
+
+    def select(self, rows: torch.Tensor | Any | slice) -> IndexedRows:
+        base = super().select(rows)
+        index = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.int64).to(self.row.device)
+        return IndexedRows(**{k: getattr(base, k) for k in ("xa", "xb", "ma", "mb", "step", "labels", "ids")},
+                           row=self.row[index])
+
+    def to(self, device: torch.device | str) -> IndexedRows:
+        return replace(super().to(device), row=self.row.to(device))
+
+
+class Co2L(Strategy):
+    """Asymmetric replay contrastive loss plus instance-wise relation distillation."""
+
+    name = "co2l"
+
+    def __init__(self, *, buffer_size: int = 256, distill_power: float = 1.0, kappa: float = 0.2,
+                 kappa_past: float = 0.01, temperature: float | None = None) -> None:
+        """Hyperparameters (baselines.md §1 table and §7).
+
+        Args:
+            buffer_size: M, pairs kept by the step-balanced buffer.
+            distill_power: weight of the IRD term (the appendix's "distillation power").
+            kappa: the student's IRD temperature κ (Co2L's default; not in the CMCL appendix).
+            kappa_past: the teacher's IRD temperature κ*.
+            temperature: τ of the asymmetric contrastive loss; ``None`` uses the run's InfoNCE
+                temperature (1 by default, the paper's), which keeps step 1 equal to Vanilla.
+        """
+        if kappa <= 0 or kappa_past <= 0:
+            raise ValueError("kappa and kappa_past must be > 0")
+        if temperature is not None and temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if distill_power < 0:
+            raise ValueError("distill_power must be >= 0")
+        self.buffer_size = int(buffer_size)
+        self.distill_power = float(distill_power)
+        self.kappa = float(kappa)
+        self.kappa_past = float(kappa_past)
+        self.temperature = None if temperature is None else float(temperature)
+        self.buffer = ReplayBuffer(self.buffer_size)
+        self.teacher: ModalityLearners | None = None
+        self._step_index = 0
+        self._replay_rows = 0
+        self._gen: torch.Generator | None = None
+        self._raw: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._sums: torch.Tensor | None = None     # running (asym, ird) sums over the step's updates
+        self._updates = 0
+        # C-Flat evaluates the same batch several times: the teacher's targets are then cached.
+        self._cache_targets = False
+        self._targets: torch.Tensor | None = None
+        self._teacher_rows: torch.Tensor | None = None   # (N, 2, d) normalised teacher outputs
+        self._report: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, learners: ModalityLearners, objective: Objective) -> None:
+        super().setup(learners, objective)
+        self.tau = objective.temperature if self.temperature is None else self.temperature
+        self._base = Objective(self.tau, objective.direction)
+
+    @property
+    def distilling(self) -> bool:
+        """Whether the IRD term is on (every step after the first)."""
+        return self._step_index > 1
+
+    def distill_weight(self) -> float:
+        """The weight of ``L_IRD`` during the current step."""
+        return self.distill_power
+
+    def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        self._step_index = step.index
+        self._gen = torch.Generator().manual_seed(step.seed)
+        self._sums, self._updates, self._raw = None, 0, None
+        self.teacher, self._teacher_rows = None, None
+        if self.distilling:
+            # A frozen copy of every learner: buffered rows are projected with their own ones.
+            self.teacher = copy.deepcopy(self.learners).requires_grad_(False)
+
+    @staticmethod
+    def _own_rows(step: StepInfo, data: PairedFeatures) -> PairedFeatures:
+        """``data`` with every row tagged as the current step (what marks the anchors)."""
+        if bool((data.step == step.index).all()):
+            return data
+        return replace(data, step=torch.full_like(data.step, step.index))
+
+    def training_set(self, step: StepInfo, data: PairedFeatures) -> PairedFeatures:
+        data = self._own_rows(step, data)
+        stored = self.buffer.features()
+        self._replay_rows = 0 if stored is None else len(stored)
+        train = data if stored is None else PairedFeatures.concat([data, stored.to(data.xa.device)])
+        if not self.distilling:
+            return train
+        # The teacher's normalised outputs of every training row, once: O(N d²) per step rather
+        # than per epoch, and no mixed-batch teacher forward at each update.
+        with torch.no_grad():
+            blocks = []
+            for lo in range(0, len(train), _BLOCK):
+                out = self.teacher.forward_pairs(train.select(slice(lo, lo + _BLOCK)))
+                blocks.append(torch.stack([F.normalize(out.u, dim=1), F.normalize(out.v, dim=1)], dim=1))
+            self._teacher_rows = torch.cat(blocks)
+        return IndexedRows.wrap(train)
+
+    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
+        if self._replay_rows == 0:
+            # No buffered row can be in the batch: exactly the run's InfoNCE (Vanilla at step 1).
+            asym = self._base(out.u, out.v)
+        else:
+            asym = asymmetric_contrastive(out.u, out.v, batch.step == self._step_index,
+                                          temperature=self.tau, direction=self.objective.direction)
+        if not self.distilling:
+            self._raw = (asym.detach(), None)
+            return {"asym_loss": asym}
+        ird = relation_distillation(stacked_unit(out), self._teacher_targets(batch), self.kappa)
+        self._raw = (asym.detach(), ird.detach())
+        return {"asym_loss": asym, "ird_loss": self.distill_weight() * ird}
+
+    def _teacher_targets(self, batch: PairedFeatures) -> torch.Tensor:
+        if self._cache_targets and self._targets is not None:
+            return self._targets
+        with torch.no_grad():
+            row = getattr(batch, "row", None)
+            if row is not None and self._teacher_rows is not None:
+                z = self._teacher_rows[row]
+                z_teacher = torch.cat([z[:, 0], z[:, 1]])
+            else:   # a batch not drawn from training_set's rows: run the frozen teacher
+                z_teacher = stacked_unit(self.teacher.forward_pairs(batch))
+            targets = relation_targets(z_teacher, self.kappa_past)
+        if self._cache_targets:
+            self._targets = targets
+        return targets
+
+    def compute_gradients(self, closure: Closure) -> tuple[Losses, PairOutput]:
+        result = closure()
+        self._record()
+        return result
+
+    def _record(self) -> None:
+        """Add the last evaluation's raw terms to the step's running sums (no host sync)."""
+        if self._raw is None:      # a closure that did not go through :meth:`losses`
+            return
+        (asym, ird), self._raw = self._raw, None
+        pair = torch.stack([asym, ird if ird is not None else torch.zeros_like(asym)]).float()
+        self._sums = pair if self._sums is None else self._sums + pair
+        self._updates += 1
+
+    def step_means(self) -> tuple[float, float] | None:
+        """Mean raw ``(L_asym, L_IRD)`` over the current step's updates so far (``None`` if none)."""
+        if not self._updates:
+            return None
+        asym, ird = (self._sums / self._updates).tolist()
+        return asym, ird
+
+    def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        self.buffer.fill_balanced(self._own_rows(step, data), step.index, self._gen)
+        self.teacher, self._teacher_rows, self._targets = None, None, None
+        report: dict[str, float] = {f"{self.name}/replay_rows": float(self._replay_rows)}
+        means = self.step_means()
+        if means is not None:
+            report[f"{self.name}/asym_loss"] = means[0]
+            if self.distilling:
+                report[f"{self.name}/ird_loss"] = means[1]
+                report[f"{self.name}/distill_weight"] = float(self.distill_weight())
+        for s, count in self.buffer.composition().items():
+            report[f"{self.name}/buffer/step{s:02d}"] = float(count)
+        self._report = report
+
+    def report(self) -> dict[str, float]:
+        """Replayed rows, the mean raw loss terms, the IRD weight and the buffer per step (after the fill)."""
+        return dict(self._report)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = next(self.learners.parameters()).device
+        self.buffer = ReplayBuffer(self.buffer_size)
+        self.buffer.load_state_dict(state["buffer"], device=device)
