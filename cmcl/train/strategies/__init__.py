@@ -12,11 +12,18 @@ from typing import Any, Mapping
 from cmcl.errors import ConfigError
 from cmcl.train.strategies.base import Objective, Strategy
 from cmcl.train.strategies.dns import DNS
+from cmcl.train.strategies.mnl import MNL
+from cmcl.train.strategies.pnr import PNR
 from cmcl.train.strategies.vanilla import Vanilla
+from cmcl.train.strategies.zo import ZO
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "vanilla": Vanilla,
     "dns": DNS,
+    # related work (issue 4); they sort after the paper's nine
+    "pnr": PNR,
+    "zo": ZO,
+    "mnl": MNL,
 }
 
 #: The paper's Table 2 order; strategies not listed follow alphabetically.
