@@ -139,13 +139,13 @@ class ZO(Strategy):
         return self.eps_vision / self.eps if m in VISION_TOWER else 1.0
 
     # ------------------------------------------------------------------ the estimate
-    def _draw(self, modalities: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``s_m z_m`` for each ZO learner, shaped like (weight, bias)."""
+    def _draw(self, modalities: tuple[str, ...], draws: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``s_m z`` for each ZO learner: ``draws`` samples shaped like (weight, bias)."""
         out = {}
         for m in modalities:
             w, b = self.learners[m].weight, self.learners[m].bias
-            zw = torch.randn(w.shape, generator=self._gen, device=w.device, dtype=w.dtype)
-            zb = torch.randn(b.shape, generator=self._gen, device=b.device, dtype=b.dtype)
+            zw = torch.randn((draws, *w.shape), generator=self._gen, device=w.device, dtype=w.dtype)
+            zb = torch.randn((draws, *b.shape), generator=self._gen, device=b.device, dtype=b.dtype)
             s = self._scale(m)
             if s != 1.0:
                 zw.mul_(s)
@@ -154,7 +154,7 @@ class ZO(Strategy):
         return out
 
     def _loss_at(self, y: dict[str, torch.Tensor], shift: dict[str, torch.Tensor], k: float) -> float:
-        """Batch loss with the ZO outputs moved by ``k`` times ``shift`` (i.e. at θ + k·s z)."""
+        """Batch loss with the ZO outputs moved by ``k`` times ``shift`` (i.e. at θ + k·ĝ)."""
         u = y["a"] + k * shift["a"] if "a" in shift else y["a"]
         v = y["b"] + k * shift["b"] if "b" in shift else y["b"]
         return float(self.objective(u, v))
@@ -164,54 +164,54 @@ class ZO(Strategy):
         return {("a" if m == pair[0] else "b"): m for m in modalities}
 
     def estimate(self, xa: torch.Tensor, xb: torch.Tensor, y: dict[str, torch.Tensor],
-                 modalities: tuple[str, ...]) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]],
-                                                        dict[str, torch.Tensor]]:
-        """One two-point estimate: ``(c, s z, output shifts)`` with ``c = (L(θ+εsz) - L(θ-εsz)) / 2ε``.
+                 modalities: tuple[str, ...], draws: int = 1
+                 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        """``draws`` two-point estimates at once: ``(c, s z, output shifts)``, each with a leading draw axis.
 
-        ``y`` holds the current outputs ``{"a": u, "b": v}`` (detached); the raw estimate of the
-        gradient with respect to the ZO parameters is ``c · s z``.
+        ``c_k = (L(θ + ε s z_k) - L(θ - ε s z_k)) / 2ε``, so ``c_k · s z_k`` is the k-th raw estimate
+        of the gradient with respect to the ZO parameters. ``y`` holds the current outputs
+        ``{"a": u, "b": v}`` (detached); the parameters themselves are never written.
         """
-        sz = self._draw(modalities)
+        sz = self._draw(modalities, draws)
         x = {"a": xa, "b": xb}
-        shift = {side: x[side] @ sz[m][0].T + sz[m][1] for side, m in self._sides(self._pair, modalities).items()}
-        c = (self._loss_at(y, shift, self.eps) - self._loss_at(y, shift, -self.eps)) / (2 * self.eps)
+        shift = {side: torch.einsum("ni,koi->kno", x[side], sz[m][0]) + sz[m][1][:, None, :]
+                 for side, m in self._sides(self._pair, modalities).items()}
+        loss = torch.func.vmap(self.objective)
+
+        def at(k: float) -> torch.Tensor:
+            u = y["a"] + k * shift["a"] if "a" in shift else y["a"].expand(draws, *y["a"].shape)
+            v = y["b"] + k * shift["b"] if "b" in shift else y["b"].expand(draws, *y["b"].shape)
+            return loss(u, v)
+
+        c = (at(self.eps) - at(-self.eps)) / (2 * self.eps)
         return c, sz, shift
 
     def direction(self, xa: torch.Tensor, xb: torch.Tensor, y: dict[str, torch.Tensor]
                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
         """ĝ (the mean of ``queries`` estimates, normalised by ``sign``) and its output shift per side."""
+        c, sz, shift = self.estimate(xa, xb, y, self._zo, self.queries)
+        coef = c if self.sign == "none" else torch.sign(c)
         x = {"a": xa, "b": xb}
-        sides = self._sides(self._pair, self._zo)
         steps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         shifts: dict[str, torch.Tensor] = {}
-        for q in range(self.queries):
-            c, sz, shift = self.estimate(xa, xb, y, self._zo)
-            sgn = (c > 0) - (c < 0)
-            for side, m in sides.items():
-                gw, gb = sz[m]
-                if self.sign == "elementwise":
-                    # sign(c·z) element by element, still scaled by s for a vision-tower learner
-                    s = self._scale(m)
-                    gw.sign_().mul_(sgn * s)
-                    gb.sign_().mul_(sgn * s)
-                    shift[side] = x[side] @ gw.T + gb
-                else:
-                    coef = c if self.sign == "none" else float(sgn)
-                    gw.mul_(coef)
-                    gb.mul_(coef)
-                    shift[side].mul_(coef)
-                if q == 0:
-                    steps[m], shifts[side] = (gw, gb), shift[side]
-                else:
-                    steps[m][0].add_(gw)
-                    steps[m][1].add_(gb)
-                    shifts[side].add_(shift[side])
-        if self.queries > 1:
-            for gw, gb in steps.values():
-                gw.div_(self.queries)
-                gb.div_(self.queries)
-            for t in shifts.values():
-                t.div_(self.queries)
+        for side, m in self._sides(self._pair, self._zo).items():
+            zw, zb = sz[m]
+            if self.sign == "elementwise":
+                # sign(c·z) element by element, still scaled by s for a vision-tower learner
+                s = self._scale(m)
+                zw.sign_().mul_(coef.view(-1, 1, 1) * s)
+                zb.sign_().mul_(coef.view(-1, 1) * s)
+            else:
+                zw.mul_(coef.view(-1, 1, 1))
+                zb.mul_(coef.view(-1, 1))
+                shift[side].mul_(coef.view(-1, 1, 1))
+            # in place for q = 1: no second copy of a d×d tensor
+            gw, gb = (zw[0], zb[0]) if self.queries == 1 else (zw.mean(0), zb.mean(0))
+            steps[m] = (gw, gb)
+            if self.sign == "elementwise":
+                shifts[side] = x[side] @ gw.T + gb
+            else:
+                shifts[side] = shift[side][0] if self.queries == 1 else shift[side].mean(0)
         return steps, shifts
 
     # ------------------------------------------------------------------ hooks
@@ -269,9 +269,9 @@ class ZO(Strategy):
                     batch = data.select(rows)
                     y = {"a": self.learners[step.modalities[0]](batch.xa), "b": self.learners[step.modalities[1]](batch.xb)}
                     sq, mean = 0.0, None
-                    for _ in range(self.auto_draws):
+                    for _ in range(self.auto_draws):   # one at a time: a draw is d² + d floats
                         c, sz, _shift = self.estimate(batch.xa, batch.xb, y, (m,))
-                        flat = torch.cat([sz[m][0].flatten(), sz[m][1]]) * c
+                        flat = torch.cat([sz[m][0].flatten(), sz[m][1].flatten()]) * c
                         sq += float(flat @ flat)
                         mean = flat if mean is None else mean + flat
                     mean = mean / self.auto_draws
