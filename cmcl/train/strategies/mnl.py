@@ -109,18 +109,20 @@ class MNL(Strategy):
         self._rows_seen = 0
         self._sums = {"a2b": 0.0, "b2a": 0.0, "rows": 0.0}
 
-    def base_loss(self, s: torch.Tensor, out: PairOutput) -> torch.Tensor:
-        """The loss MNL is added to."""
+    def base_loss(self, s: torch.Tensor | None, out: PairOutput) -> torch.Tensor:
+        """The loss MNL is added to (``s = u vᵀ/τ``, needed by ``base="paper"`` only)."""
         if self.base == "toolkit":
             return self.objective(out.u, out.v)
         target = torch.arange(len(s), device=s.device)
         return F.cross_entropy(s, target) + F.cross_entropy(s.T, target) + F.cross_entropy(0.5 * (s + s.T), target)
 
-    def guidance(self, out: PairOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The MNL term and the two guidance masks for outputs ``out``."""
+    def guidance(self, out: PairOutput, s: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MNL term and the two guidance masks for outputs ``out`` (``s = u vᵀ/τ`` if known)."""
         tau = self.objective.temperature
         u, v = out.u, out.v
-        s = u @ v.T / tau
+        if s is None:
+            s = u @ v.T / tau
         a2b, b2a, _ = guidance_masks(s.detach())
         p_a = torch.softmax(s.detach(), dim=1)        # a's distribution over the v's (rows)
         p_b = torch.softmax(s.detach().T, dim=1)      # b's distribution over the u's (columns)
@@ -136,14 +138,11 @@ class MNL(Strategy):
     def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
         epoch = self._rows_seen // self._rows_per_epoch if self._rows_per_epoch else 0
         self._rows_seen += len(batch)
-        if self.base == "toolkit":
-            losses = {"contrastive_loss": self.objective(out.u, out.v)}
-        else:
-            s = out.u @ out.v.T / self.objective.temperature
-            losses = {"contrastive_loss": self.base_loss(s, out)}
+        s = out.u @ out.v.T / self.objective.temperature if self.base == "paper" else None
+        losses = {"contrastive_loss": self.base_loss(s, out)}
         if epoch < self.warmup_epochs or (self.weight == 0 and self.ce_weight == 0):
             return losses
-        term, a2b, b2a = self.guidance(out)
+        term, a2b, b2a = self.guidance(out, s)
         self._sums["a2b"] += float(a2b.sum())
         self._sums["b2a"] += float(b2a.sum())
         self._sums["rows"] += len(batch)
