@@ -86,7 +86,7 @@ def test_zo_learner_gets_no_autograd_gradient_and_no_optimizer_state():
         sum(losses.values()).backward()
         return losses, out
 
-    losses, out = zo.compute_gradients(closure)
+    _, out = zo.compute_gradients(closure)
     assert w_text.grad is None and b_text.grad is None
     # the FO gradient is autograd's gradient of L with the ZO learner held constant
     wa = learners["audio"].weight.detach().clone().requires_grad_(True)
