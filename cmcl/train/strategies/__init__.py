@@ -15,7 +15,10 @@ from cmcl.train.strategies.cflat import CFlat
 from cmcl.train.strategies.cila import CILA
 from cmcl.train.strategies.co2l import Co2L
 from cmcl.train.strategies.dns import DNS
+from cmcl.train.strategies.mnl import MNL
+from cmcl.train.strategies.pnr import PNR
 from cmcl.train.strategies.vanilla import Vanilla
+from cmcl.train.strategies.zo import ZO
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "vanilla": Vanilla,
@@ -23,6 +26,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "co2l": Co2L,
     "cflat": CFlat,
     "cila": CILA,
+    # related work (issue 4); they sort after the paper's nine
+    "pnr": PNR,
+    "zo": ZO,
+    "mnl": MNL,
 }
 
 #: The paper's Table 2 order; strategies not listed follow alphabetically.
