@@ -11,11 +11,19 @@ from typing import Any, Mapping
 
 from cmcl.errors import ConfigError
 from cmcl.train.strategies.base import Objective, Strategy
+from cmcl.train.strategies.der import DER
+from cmcl.train.strategies.derpp import DERpp
 from cmcl.train.strategies.dns import DNS
+from cmcl.train.strategies.ewc import EWC
+from cmcl.train.strategies.gem import GEM
 from cmcl.train.strategies.vanilla import Vanilla
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "vanilla": Vanilla,
+    "gem": GEM,
+    "der": DER,
+    "derpp": DERpp,
+    "ewc": EWC,
     "dns": DNS,
 }
 
