@@ -138,6 +138,24 @@ def test_buffer_mixes_steps_and_reports_its_composition():
     assert set(der.buffer.features().ma.tolist()) == {"text", "audio"}
 
 
+@pytest.mark.parametrize("name", ["der", "derpp"])
+def test_replay_trains_only_the_current_pair(name):
+    learners, strategy = trained(name, steps=1, buffer_size=32)
+    text = [p.detach().clone() for p in learners["text"].parameters()]
+    step2 = StepInfo(2, "s2", ("audio", "video"), 22)
+    batch = pairs(16, 2, ("audio", "video"), 2)
+    strategy.before_step(step2, batch)
+    learners.zero_grad(set_to_none=True)
+    losses = strategy.losses(batch, learners.forward_pairs(batch))
+    assert float(losses["der_loss"].detach()) > 0      # step-1 (text, audio) pairs replayed
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in learners["text"].parameters())
+    assert learners["audio"].weight.grad is not None
+    fit_step(learners, strategy, step2, pairs(40, 2, ("audio", "video"), 2), harness=HARNESS, epochs=1,
+             batch_size=16)
+    assert all(torch.equal(p, q) for p, q in zip(learners["text"].parameters(), text))
+
+
 def test_derpp_beta_follows_the_backbone():
     assert resolve_params("derpp", {}, "languagebind")["beta"] == 0.1
     assert resolve_params("derpp", {}, "imagebind")["beta"] == 0.001

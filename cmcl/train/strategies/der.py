@@ -13,6 +13,11 @@ row scored with its own modalities' learners (a replay batch mixes modality pair
   instance" label 1) over a second, independent draw. The CMCL appendix calls this weight alpha;
   DER's paper and mammoth call it beta (baselines.md §11.3).
 
+Parameter scope (baselines.md §1): only the learners of the current batch's pair are trained.
+A replayed pair whose modality is outside that pair goes through its learner without gradient (a
+constant for this step), so every other learner keeps ``grad is None`` and stays bit-identical;
+a stored pair that shares no learner with the current pair adds a constant to the mean.
+
 Each draw has its own generator (all seeded from ``StepInfo.seed``), so DER++ with ``beta = 0``
 performs exactly DER's updates.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +49,25 @@ def pair_scores(out: PairOutput, temperature: float) -> torch.Tensor:
     """Row-wise matched-pair scores ``<u_i, v_i> / tau``."""
     s = (out.u * out.v).sum(dim=1)
     return s if temperature == 1.0 else s / temperature
+
+
+def scoped_scores(learners, rows: PairedFeatures, trainable: set[str], temperature: float) -> torch.Tensor:
+    """Pair scores of mixed-pair ``rows``; learners outside ``trainable`` run without gradient."""
+    def side(names: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+        def apply(m: str, xm: torch.Tensor) -> torch.Tensor:
+            if m in trainable:
+                return learners[m](xm)
+            with torch.no_grad():
+                return learners[m](xm)
+        kinds = np.unique(names)
+        if len(kinds) == 1:
+            return apply(str(kinds[0]), x)
+        out = x.new_empty(x.shape)
+        for m in kinds:        # one matmul per distinct modality
+            idx = torch.as_tensor(np.flatnonzero(names == m), device=x.device)
+            out = out.index_put((idx,), apply(str(m), x[idx]))
+        return out
+    return pair_scores(PairOutput(side(rows.ma, rows.xa), side(rows.mb, rows.xb)), temperature)
 
 
 class DER(Strategy):
@@ -77,15 +102,17 @@ class DER(Strategy):
                 losses["gt_loss"] = zero
             return losses
         tau = self.objective.temperature
+        trainable = set(batch.ma.tolist()) | set(batch.mb.tolist()) if batch.single_pair is None \
+            else set(batch.single_pair)
         replay, extras = self.buffer.sample(self.replay_batch, self._gens["replay"])
         if self.beta > 0:
             # Second, independent draw; both scored in one grouped forward pass.
             gt, _ = self.buffer.sample(self.replay_batch, self._gens["gt"])
-            scores = pair_scores(self.learners.forward_pairs(PairedFeatures.concat([replay, gt])), tau)
+            scores = scoped_scores(self.learners, PairedFeatures.concat([replay, gt]), trainable, tau)
             s_replay, s_gt = scores[:len(replay)], scores[len(replay):]
             losses["gt_loss"] = self.beta * F.softplus(-s_gt).mean()
         else:
-            s_replay = pair_scores(self.learners.forward_pairs(replay), tau)
+            s_replay = scoped_scores(self.learners, replay, trainable, tau)
         losses["der_loss"] = self.alpha * (s_replay - extras["score"]).pow(2).mean()
         return losses
 

@@ -36,20 +36,29 @@ _CHUNK_BATCHES = 128   # Fisher batches processed per vectorised chunk
 
 
 class _Quadratic(torch.autograd.Function):
-    """``lam * sum(F * (theta - star)^2)`` with its gradient ``2 lam F (theta - star)``, in few passes."""
+    """``1/2 <scaled * (theta - star), theta - star>`` with gradient ``scaled * (theta - star)``.
+
+    With ``scaled = 2 lam F`` this is EWC's ``lam * sum(F (theta - star)^2)``. It is elementwise
+    over every weight, so it is written for few memory passes: the difference goes to a reused
+    buffer (``work``), the gradient is made once in the forward pass and handed to autograd (one
+    backward per forward).
+    """
 
     @staticmethod
-    def forward(ctx, theta, star, fisher, lam):  # noqa: D102
-        diff = theta.detach() - star
-        weighted = fisher * diff
-        ctx.save_for_backward(weighted)
-        ctx.lam = lam
-        return lam * torch.dot(weighted.flatten(), diff.flatten())
+    def forward(ctx, theta, star, scaled, work):  # noqa: D102
+        diff = torch.sub(theta.detach(), star, out=work)
+        grad = torch.mul(diff, scaled)
+        ctx.grad = grad
+        return 0.5 * torch.dot(grad.view(-1), diff.view(-1))
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        (weighted,) = ctx.saved_tensors
-        return weighted * (grad * (2.0 * ctx.lam)), None, None, None
+    def backward(ctx, grad_out):  # noqa: D102
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the EWC penalty supports a single backward pass per forward")
+        if grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+            return grad, None, None, None           # the usual case: the trainer's loss sum
+        return grad.mul_(grad_out), None, None, None
 
 
 def _direction_terms(u, v, xa, xb, tau):
@@ -107,10 +116,13 @@ class EWC(Strategy):
         self._penalty_sum: torch.Tensor | None = None
         self._updates = 0
         self._last_penalty: torch.Tensor | None = None
+        self._scaled: dict[str, torch.Tensor] = {}
+        self._work: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ penalty
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
         self._penalty_sum, self._updates, self._last_penalty = None, 0, None
+        self._scaled, self._work = {}, {}
 
     def penalty(self, modalities) -> torch.Tensor | None:
         """The EWC term over the learners of ``modalities`` that have a Fisher (None if none has)."""
@@ -119,7 +131,11 @@ class EWC(Strategy):
             for kind, p in (("weight", self.learners[m].weight), ("bias", self.learners[m].bias)):
                 key = f"{m}.{kind}"
                 if key in self.fisher:
-                    terms.append(_Quadratic.apply(p, self.star[key], self.fisher[key], self.lambda_ewc))
+                    scaled = self._scaled.get(key)
+                    if scaled is None:     # 2 lam F, fixed during a step
+                        scaled = self._scaled[key] = (2.0 * self.lambda_ewc) * self.fisher[key]
+                        self._work[key] = torch.empty_like(scaled)
+                    terms.append(_Quadratic.apply(p, self.star[key], scaled, self._work[key]))
         if not terms:
             return None
         return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
@@ -187,6 +203,7 @@ class EWC(Strategy):
             params = {f"{m}.{k}": p for m in self.learners.modalities
                       for k, p in self.learners[m].named_parameters()}
             self.star = {key: params[key].detach().clone() for key in self.fisher}
+        self._scaled, self._work = {}, {}
 
     # ------------------------------------------------------------------ bookkeeping
     def report(self) -> dict[str, float]:
@@ -213,3 +230,4 @@ class EWC(Strategy):
         device = next(self.learners.parameters()).device
         self.fisher = {k: v.to(device) for k, v in state["fisher"].items()}
         self.star = {k: v.to(device) for k, v in state["star"].items()}
+        self._scaled, self._work = {}, {}
