@@ -13,10 +13,11 @@ row scored with its own modalities' learners (a replay batch mixes modality pair
   instance" label 1) over a second, independent draw. The CMCL appendix calls this weight alpha;
   DER's paper and mammoth call it beta (baselines.md §11.3).
 
-Parameter scope (baselines.md §1): only the learners of the current batch's pair are trained.
-A replayed pair whose modality is outside that pair goes through its learner without gradient (a
-constant for this step), so every other learner keeps ``grad is None`` and stays bit-identical;
-a stored pair that shares no learner with the current pair adds a constant to the mean.
+Parameter scope (baselines.md §1): only the learners of the step's pair are trained. A replayed
+side whose modality is outside that pair is a constant for the whole step: its output is computed
+once in ``before_step`` and cached per buffer slot, so every other learner keeps ``grad is None``
+and stays bit-identical, and each update runs one matmul per trainable learner over all drawn
+rows. A stored pair that shares no learner with the current pair adds a constant to the mean.
 
 Each draw has its own generator (all seeded from ``StepInfo.seed``), so DER++ with ``beta = 0``
 performs exactly DER's updates.
@@ -51,25 +52,6 @@ def pair_scores(out: PairOutput, temperature: float) -> torch.Tensor:
     return s if temperature == 1.0 else s / temperature
 
 
-def scoped_scores(learners, rows: PairedFeatures, trainable: set[str], temperature: float) -> torch.Tensor:
-    """Pair scores of mixed-pair ``rows``; learners outside ``trainable`` run without gradient."""
-    def side(names: np.ndarray, x: torch.Tensor) -> torch.Tensor:
-        def apply(m: str, xm: torch.Tensor) -> torch.Tensor:
-            if m in trainable:
-                return learners[m](xm)
-            with torch.no_grad():
-                return learners[m](xm)
-        kinds = np.unique(names)
-        if len(kinds) == 1:
-            return apply(str(kinds[0]), x)
-        out = x.new_empty(x.shape)
-        for m in kinds:        # one matmul per distinct modality
-            idx = torch.as_tensor(np.flatnonzero(names == m), device=x.device)
-            out = out.index_put((idx,), apply(str(m), x[idx]))
-        return out
-    return pair_scores(PairOutput(side(rows.ma, rows.xa), side(rows.mb, rows.xb)), temperature)
-
-
 class DER(Strategy):
     """Dark experience replay: distil the stored pair scores of a reservoir buffer."""
 
@@ -84,14 +66,62 @@ class DER(Strategy):
         self.beta = 0.0
         self.replay_batch = int(replay_batch)
         self.buffer = ReplayBuffer(int(buffer_size), extras={"score": ()})
-        self._seed = 0
         self._gens: dict[str, torch.Generator] = {}
+        self._trainable: frozenset[str] = frozenset()
+        self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ per step
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
         # One generator per random choice, so adding DER++'s draw never shifts DER's.
         self._gens = {k: torch.Generator().manual_seed((step.seed + i) % (1 << 63))
                       for i, k in enumerate(("offer", "replay", "gt"))}
+        self._cache_frozen(set(step.modalities))
+
+    @torch.no_grad()
+    def _cache_frozen(self, trainable: set[str]) -> None:
+        """Outputs of every stored side whose learner is outside ``trainable`` (fixed this step).
+
+        Records inserted during the step belong to the current pair, so a slot whose side is
+        frozen still holds the record it held here, and its cached output stays valid.
+        """
+        self._trainable = frozenset(trainable)
+        cap, d = self.buffer.capacity, self.learners.dim
+        device = next(self.learners.parameters()).device
+        self._frozen = (torch.zeros(cap, d, device=device), torch.zeros(cap, d, device=device))
+        feats = self.buffer.features()
+        if feats is None:
+            return
+        for names, x, cache in ((feats.ma, feats.xa, self._frozen[0]), (feats.mb, feats.xb, self._frozen[1])):
+            for m in np.unique(names):
+                if str(m) not in self._trainable:
+                    idx = torch.as_tensor(np.flatnonzero(names == m), device=x.device)
+                    cache[idx] = self.learners[str(m)](x[idx])
+
+    def replay_scores(self, idx: torch.Tensor) -> torch.Tensor:
+        """Current scores of stored records ``idx``; only the current pair's learners get gradients.
+
+        Each trainable learner runs once over all its drawn rows, both sides together.
+        """
+        feats = self.buffer.features()
+        dev_idx = idx.to(feats.xa.device)
+        xa, xb = feats.xa[dev_idx], feats.xb[dev_idx]
+        ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
+        u, v = self._frozen[0][dev_idx], self._frozen[1][dev_idx]
+        for m in sorted(self._trainable):
+            ra = torch.as_tensor(np.flatnonzero(ma == m), device=xa.device)
+            rb = torch.as_tensor(np.flatnonzero(mb == m), device=xa.device)
+            if not len(ra) and not len(rb):
+                continue
+            y = self.learners[m](torch.cat([xa[ra], xb[rb]]))
+            if len(ra):
+                u = u.index_put((ra,), y[:len(ra)])
+            if len(rb):
+                v = v.index_put((rb,), y[len(ra):])
+        return pair_scores(PairOutput(u, v), self.objective.temperature)
+
+    def _draw(self, generator: torch.Generator) -> torch.Tensor:
+        """``replay_batch`` slots uniformly without replacement (as ``ReplayBuffer.sample``)."""
+        return torch.randperm(len(self.buffer), generator=generator)[:self.replay_batch]
 
     def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
         losses = super().losses(batch, out)
@@ -101,19 +131,19 @@ class DER(Strategy):
             if self.beta > 0:
                 losses["gt_loss"] = zero
             return losses
-        tau = self.objective.temperature
-        trainable = set(batch.ma.tolist()) | set(batch.mb.tolist()) if batch.single_pair is None \
-            else set(batch.single_pair)
-        replay, extras = self.buffer.sample(self.replay_batch, self._gens["replay"])
+        if self._frozen is None:
+            self._cache_frozen(set(batch.ma.tolist()) | set(batch.mb.tolist()))
+        idx = self._draw(self._gens["replay"])
         if self.beta > 0:
-            # Second, independent draw; both scored in one grouped forward pass.
-            gt, _ = self.buffer.sample(self.replay_batch, self._gens["gt"])
-            scores = scoped_scores(self.learners, PairedFeatures.concat([replay, gt]), trainable, tau)
-            s_replay, s_gt = scores[:len(replay)], scores[len(replay):]
+            # Second, independent draw; both scored in one pass per trainable learner.
+            idx_gt = self._draw(self._gens["gt"])
+            scores = self.replay_scores(torch.cat([idx, idx_gt]))
+            s_replay, s_gt = scores[:len(idx)], scores[len(idx):]
             losses["gt_loss"] = self.beta * F.softplus(-s_gt).mean()
         else:
-            s_replay = scoped_scores(self.learners, replay, trainable, tau)
-        losses["der_loss"] = self.alpha * (s_replay - extras["score"]).pow(2).mean()
+            s_replay = self.replay_scores(idx)
+        stored = self.buffer.extras["score"][idx.to(s_replay.device)]
+        losses["der_loss"] = self.alpha * (s_replay - stored).pow(2).mean()
         return losses
 
     def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
@@ -131,3 +161,4 @@ class DER(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         device = next(self.learners.parameters()).device
         self.buffer.load_state_dict(state["buffer"], device=device)
+        self._frozen = None
