@@ -138,6 +138,8 @@ def test_projected_gradient_keeps_every_shared_step_non_negative():
     g = torch.cat([raw[f"layers.{m}.{k}"].flatten() for m in cur for k in ("weight", "bias")]).double()
     g_tilde = flat_grads(learners, cur)
     assert gem._stats["projected"] == 1 and (g_mem @ g < 0).any()
+    # the rank-one route gives the dense <g, g_k>
+    torch.testing.assert_close(gem.last_dots, g_mem @ g, rtol=1e-5, atol=1e-9)
     # the rank-one route gives the dense Gram matrix
     mg = gem.memory_gradients()
     torch.testing.assert_close(mg["gram"], g_mem @ g_mem.T, rtol=1e-5, atol=1e-12)
@@ -153,6 +155,7 @@ def test_projected_gradient_keeps_every_shared_step_non_negative():
     report = gem.report()
     assert report["gem/projected_fraction"] == 1.0 and report["gem/multiplier_max"] >= 0.5
     assert report["buffer/step_1"] == 8 and report["gem/constraints_per_update"] == 2
+    assert -1.0 <= report["gem/min_cosine"] < 0
 
 
 def test_nnls_route_gives_the_same_projected_gradient():

@@ -38,11 +38,12 @@ from cmcl.train.strategies.buffer import ReplayBuffer
 from cmcl.types import StepInfo
 
 
-def buffer_report(buffer: ReplayBuffer) -> dict[str, float]:
-    """Buffer diagnostics: stored pairs per protocol step (``buffer/step_3``), size and offers."""
+def buffer_report(buffer: ReplayBuffer, offers: bool = True) -> dict[str, float]:
+    """Buffer diagnostics: stored pairs per protocol step (``buffer/step_3``), size (and offers)."""
     out = {f"buffer/step_{s}": float(c) for s, c in sorted(buffer.composition().items())}
     out["buffer/size"] = float(len(buffer))
-    out["buffer/offers"] = float(buffer.offers)
+    if offers:
+        out["buffer/offers"] = float(buffer.offers)
     return out
 
 

@@ -103,13 +103,14 @@ class GEM(Strategy):
         self.buffer = ReplayBuffer(int(buffer_size))
         self._mem: dict[str, Any] | None = None
         self._grads: dict[str, Any] | None = None
+        self.last_dots: torch.Tensor | None = None     # <g, g_k> of the last update (diagnostic)
         self._stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ memory of past steps
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
         self._cur = tuple(dict.fromkeys(step.modalities))
         self._stats = {"updates": 0, "projected": 0, "violations": 0, "constraints": 0,
-                       "v_sum": 0.0, "v_count": 0, "v_max": 0.0}
+                       "v_sum": 0.0, "v_count": 0, "v_max": 0.0, "min_cosine": float("inf")}
         self._mem = None
         feats = self.buffer.features()
         if feats is None:
@@ -191,6 +192,13 @@ class GEM(Strategy):
                 y += layer.bias.grad.double()
             dots.index_add_(0, gm, (dm.double() * y).sum(dim=1))
         self._stats["constraints"] += k
+        # cosine of g with each g_k: how close the update came to a violation
+        g_sq = sum(float(torch.linalg.vector_norm(p.grad)) ** 2 for m in self._cur
+                   for p in self.learners[m].parameters() if p.grad is not None)
+        norms = mg["gram"].diagonal().clamp_min(0).sqrt() * g_sq ** 0.5
+        cosine = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
+        self._stats["min_cosine"] = min(self._stats["min_cosine"], float(cosine.min()))
+        self.last_dots = dots
         violated = int((dots < 0).sum())
         if violated == 0:
             return
@@ -227,7 +235,9 @@ class GEM(Strategy):
             "gem/multiplier_mean": s["v_sum"] / s["v_count"] if s.get("v_count") else 0.0,
             "gem/multiplier_max": float(s.get("v_max", 0.0)),
         }
-        return out | buffer_report(self.buffer)
+        if s.get("constraints"):
+            out["gem/min_cosine"] = float(s["min_cosine"])
+        return out | buffer_report(self.buffer, offers=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict()}
