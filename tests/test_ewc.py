@@ -128,6 +128,9 @@ def test_penalty_is_zero_at_theta_star_and_grows_quadratically():
                 want = 2 * 0.5 * ewc.fisher[f"{m}.{kind}"] * (p.detach() - star[m][0 if kind == "weight" else 1])
                 torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-12)
     assert values[0] > 0
+    want = 0.5 * sum(float((ewc.fisher[f"{m}.{kind}"] * dl.square()).sum())
+                     for m in delta for kind, dl in zip(("weight", "bias"), delta[m]))
+    assert values[0] == pytest.approx(want, rel=1e-5)      # lambda * sum F (theta - theta*)^2, no 1/2
     assert values[1] == pytest.approx(4 * values[0], rel=1e-5)
     assert values[2] == pytest.approx(9 * values[0], rel=1e-5)
     # the penalty is part of the training loss, over the batch's learners only
