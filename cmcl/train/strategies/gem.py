@@ -104,6 +104,7 @@ class GEM(Strategy):
         self._mem: dict[str, Any] | None = None
         self._grads: dict[str, Any] | None = None
         self.last_dots: torch.Tensor | None = None     # <g, g_k> of the last update (diagnostic)
+        self._delta: dict[str, torch.Tensor] = {}
         self._stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ memory of past steps
@@ -131,8 +132,16 @@ class GEM(Strategy):
         for m in self._cur:
             idx[m] = (torch.as_tensor(np.flatnonzero(mem.ma == m), device=mem.xa.device),
                       torch.as_tensor(np.flatnonzero(mem.mb == m), device=mem.xa.device))
+        # per current learner: its memory inputs, their step, and X X^T + 1 (fixed during the step)
+        inputs = {}
+        for m, (ia, ib) in idx.items():
+            if len(ia) or len(ib):
+                xm = torch.cat([mem.xa[ia], mem.xb[ib]])
+                x64 = xm.double()
+                inputs[m] = (xm, torch.cat([groups[ia], groups[ib]]), x64 @ x64.T + 1.0,
+                             F.one_hot(torch.cat([groups[ia], groups[ib]]), len(shared)).double())
         self._mem = {"data": mem, "groups": groups, "k": len(shared), "steps": shared,
-                     "u0": out.u, "v0": out.v, "idx": idx}
+                     "u0": out.u, "v0": out.v, "idx": idx, "inputs": inputs}
 
     def memory_gradients(self) -> dict[str, Any] | None:
         """Per-learner factors ``(D, X, step membership)`` of every g_k and the Gram ``G G^T`` (float64)."""
@@ -156,15 +165,11 @@ class GEM(Strategy):
             du, dv = torch.autograd.grad(per_step.sum(), [u, v])
         gram = torch.zeros(k, k, dtype=torch.float64, device=u.device)
         factors = {}
-        for m, (ia, ib) in mem["idx"].items():
-            if not len(ia) and not len(ib):
-                continue
+        for m, (xm, gm, x_gram, member) in mem["inputs"].items():
+            ia, ib = mem["idx"][m]
             dm = torch.cat([du[ia], dv[ib]])
-            xm = torch.cat([data.xa[ia], data.xb[ib]])
-            gm = torch.cat([groups[ia], groups[ib]])
-            d64, x64 = dm.double(), xm.double()
-            pair_dots = (d64 @ d64.T) * (x64 @ x64.T + 1.0)    # <D_i x_i^T, D_j x_j^T> + <D_i, D_j>
-            member = F.one_hot(gm, k).double()
+            d64 = dm.double()
+            pair_dots = (d64 @ d64.T) * x_gram    # <D_i x_i^T, D_j x_j^T> + <D_i, D_j>
             gram += member.T @ pair_dots @ member
             factors[m] = (dm, xm, gm)
         return {"factors": factors, "gram": gram, "k": k}
@@ -174,27 +179,64 @@ class GEM(Strategy):
         self._grads = self.memory_gradients()
         return closure()
 
-    def before_update(self, batch: PairedFeatures, out: PairOutput) -> None:
-        self._stats["updates"] += 1
-        mg, self._grads = self._grads, None
-        if mg is None or not mg["factors"]:
-            return
+    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
+        # dL/du and dL/dv of the current batch: with them <g, g_k> costs O(N B d), not O(N d^2).
+        self._delta = {}
+        if out.u.requires_grad:
+            out.u.register_hook(lambda g: self._delta.__setitem__("a", g))
+            out.v.register_hook(lambda g: self._delta.__setitem__("b", g))
+        return super().losses(batch, out)
+
+    def _current_factors(self, batch: PairedFeatures) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """``{m: (Delta, X)}`` with ``grad W_m = Delta^T X`` (before clipping), or None if unavailable."""
+        pair = batch.single_pair
+        delta = getattr(self, "_delta", {})
+        if pair is None or pair[0] == pair[1] or "a" not in delta or "b" not in delta:
+            return None
+        return {pair[0]: (delta["a"], batch.xa), pair[1]: (delta["b"], batch.xb)}
+
+    def _dots(self, mg: dict[str, Any], batch: PairedFeatures) -> tuple[torch.Tensor, float]:
+        """``<g, g_k>`` for every k (float64) and ``||g||^2`` over the current pair's parameters."""
         k = mg["k"]
-        dots = torch.zeros(k, dtype=torch.float64, device=mg["gram"].device)
+        device = mg["gram"].device
+        dots = torch.zeros(k, dtype=torch.float64, device=device)
+        g_sq = sum(float(torch.linalg.vector_norm(p.grad)) ** 2 for m in self._cur
+                   for p in self.learners[m].parameters() if p.grad is not None)
+        cur = self._current_factors(batch)
+        if cur is not None and set(cur) == set(self._cur):
+            # The trainer's clipping scales .grad by c <= 1: recover c from the norms.
+            struct_sq, raw = 0.0, torch.zeros(k, dtype=torch.float64, device=device)
+            for m, (dc, xc) in cur.items():
+                dc64, xc64 = dc.double(), xc.double()
+                struct_sq += float(((dc64 @ dc64.T) * (xc64 @ xc64.T + 1.0)).sum())
+                if m in mg["factors"]:
+                    dm, xm, gm = mg["factors"][m]
+                    rows = ((dm.double() @ dc64.T) * (xm.double() @ xc64.T + 1.0)).sum(dim=1)
+                    raw.index_add_(0, gm, rows)
+            if struct_sq > 0 and g_sq <= struct_sq * (1 + 1e-4):
+                return raw * (g_sq / struct_sq) ** 0.5, g_sq
+        # Dense route (another hook changed .grad, or no captured factors): O(N d^2) in float64.
         for m, (dm, xm, gm) in mg["factors"].items():
             layer = self.learners[m]
-            if layer.weight.grad is None and layer.bias.grad is None:
-                continue
             y = torch.zeros(len(xm), layer.weight.shape[0], dtype=torch.float64, device=xm.device)
             if layer.weight.grad is not None:
                 y += xm.double() @ layer.weight.grad.double().T
             if layer.bias.grad is not None:
                 y += layer.bias.grad.double()
             dots.index_add_(0, gm, (dm.double() * y).sum(dim=1))
+        return dots, g_sq
+
+    def before_update(self, batch: PairedFeatures, out: PairOutput) -> None:
+        self._stats["updates"] += 1
+        mg, self._grads = self._grads, None
+        if mg is None or not mg["factors"]:
+            self._delta = {}
+            return
+        k = mg["k"]
+        dots, g_sq = self._dots(mg, batch)
+        self._delta = {}
         self._stats["constraints"] += k
         # cosine of g with each g_k: how close the update came to a violation
-        g_sq = sum(float(torch.linalg.vector_norm(p.grad)) ** 2 for m in self._cur
-                   for p in self.learners[m].parameters() if p.grad is not None)
         norms = mg["gram"].diagonal().clamp_min(0).sqrt() * g_sq ** 0.5
         cosine = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
         self._stats["min_cosine"] = min(self._stats["min_cosine"], float(cosine.min()))
