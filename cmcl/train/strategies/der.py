@@ -53,6 +53,24 @@ def pair_scores(out: PairOutput, temperature: float) -> torch.Tensor:
     return s if temperature == 1.0 else s / temperature
 
 
+class _JointLinear(torch.autograd.Function):
+    """One affine learner over the current rows (outputs already known) and new rows.
+
+    The forward pass computes only the new rows; the backward pass forms the weight gradient of
+    all rows with one matmul, instead of one per forward pass plus a gradient accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, known_out, x_known, x_new):  # noqa: D102
+        ctx.save_for_backward(torch.cat([x_known, x_new]))
+        return torch.cat([known_out, torch.addmm(bias, x_new, weight.T)])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (x,) = ctx.saved_tensors
+        return grad.T @ x, grad.sum(0), None, None, None
+
+
 class DER(Strategy):
     """Dark experience replay: distil the stored pair scores of a reservoir buffer."""
 
@@ -124,26 +142,56 @@ class DER(Strategy):
         """``replay_batch`` slots uniformly without replacement (as ``ReplayBuffer.sample``)."""
         return torch.randperm(len(self.buffer), generator=generator)[:self.replay_batch]
 
+    def _joint_scores(self, batch: PairedFeatures, out: PairOutput, idx: torch.Tensor):
+        """Current outputs and replay scores with one weight-gradient matmul per trainable learner.
+
+        The current rows reuse the values of ``out`` (the trainer's forward pass); the returned
+        current outputs carry the gradient path instead of ``out``.
+        """
+        a, b = batch.single_pair
+        feats = self.buffer.features()
+        dev_idx = idx.to(feats.xa.device)
+        xa, xb = feats.xa[dev_idx], feats.xb[dev_idx]
+        ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
+        u, v = self._frozen[0][dev_idx], self._frozen[1][dev_idx]
+        current = {}
+        for m, known, x_known in ((a, out.u, batch.xa), (b, out.v, batch.xb)):
+            ra = torch.as_tensor(np.flatnonzero(ma == m), device=xa.device)
+            rb = torch.as_tensor(np.flatnonzero(mb == m), device=xa.device)
+            layer = self.learners[m]
+            y = _JointLinear.apply(layer.weight, layer.bias, known.detach(), x_known, torch.cat([xa[ra], xb[rb]]))
+            n = len(x_known)
+            current[m] = y[:n]
+            if len(ra):
+                u = u.index_put((ra,), y[n:n + len(ra)])
+            if len(rb):
+                v = v.index_put((rb,), y[n + len(ra):])
+        return PairOutput(current[a], current[b]), pair_scores(PairOutput(u, v), self.objective.temperature)
+
     def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
-        losses = super().losses(batch, out)
-        zero = out.u.new_zeros(())
         if self.buffer.is_empty:
-            losses["der_loss"] = zero
+            losses = super().losses(batch, out)
+            losses["der_loss"] = out.u.new_zeros(())
             if self.beta > 0:
-                losses["gt_loss"] = zero
+                losses["gt_loss"] = out.u.new_zeros(())
             return losses
         if self._frozen is None:
             self._cache_frozen(set(batch.ma.tolist()) | set(batch.mb.tolist()))
         idx = self._draw(self._gens["replay"])
+        n = len(idx)
         if self.beta > 0:
-            # Second, independent draw; both scored in one pass per trainable learner.
-            idx_gt = self._draw(self._gens["gt"])
-            scores = self.replay_scores(torch.cat([idx, idx_gt]))
-            s_replay, s_gt = scores[:len(idx)], scores[len(idx):]
-            losses["gt_loss"] = self.beta * F.softplus(-s_gt).mean()
+            # Second, independent draw; both scored in the same pass.
+            idx = torch.cat([idx, self._draw(self._gens["gt"])])
+        pair = batch.single_pair
+        if pair is not None and pair[0] != pair[1] and set(pair) == self._trainable and out.u.requires_grad:
+            out, scores = self._joint_scores(batch, out, idx)
         else:
-            s_replay = self.replay_scores(idx)
-        stored = self.buffer.extras["score"][idx.to(s_replay.device)]
+            scores = self.replay_scores(idx)
+        losses = super().losses(batch, out)
+        s_replay = scores[:n]
+        if self.beta > 0:
+            losses["gt_loss"] = self.beta * F.softplus(-scores[n:]).mean()
+        stored = self.buffer.extras["score"][idx[:n].to(s_replay.device)]
         losses["der_loss"] = self.alpha * (s_replay - stored).pow(2).mean()
         return losses
 
