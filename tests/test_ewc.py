@@ -163,3 +163,30 @@ def test_online_accumulation_sums_decayed_fishers():
 def test_fisher_batch_of_one_is_refused():
     with pytest.raises(Exception, match="fisher_batch"):
         get_strategy("ewc", fisher_batch=1)
+
+
+def test_training_loss_gradient_equals_the_loss_form():
+    learners = perturbed_learners()
+    ewc = get_strategy("ewc", lambda_ewc=50.0)
+    ewc.setup(learners, Objective())
+    fit_step(learners, ewc, StepInfo(1, "s1", ("text", "audio"), 5), pairs(40, 1, ("text", "audio")),
+             harness=HARNESS, epochs=1, batch_size=16)
+    ewc.before_step(StepInfo(2, "s2", ("audio", "text"), 6), pairs(8, 2, ("audio", "text"), 2))
+    with torch.no_grad():
+        for p in learners.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = pairs(8, 3, ("audio", "text"), 2)
+    learners.zero_grad(set_to_none=True)
+    losses = ewc.losses(batch, learners.forward_pairs(batch))      # fast path: penalty in the GEMM
+    sum(losses.values()).backward()
+    fast = {n: p.grad.clone() for n, p in learners.named_parameters() if p.grad is not None}
+    learners.zero_grad(set_to_none=True)
+    out = learners.forward_pairs(batch)
+    plain = ewc.objective(out.u, out.v) + ewc.penalty(("audio", "text"))
+    torch.testing.assert_close(sum(losses.values()).detach(), plain.detach(), rtol=1e-6, atol=0.0)
+    assert float(losses["ewc_loss"].detach()) > 1e-3 * float(plain.detach())
+    plain.backward()
+    assert set(fast) == {n for n, p in learners.named_parameters() if p.grad is not None}
+    for n, p in learners.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fast[n], p.grad, rtol=1e-5, atol=1e-8)

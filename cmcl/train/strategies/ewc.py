@@ -61,6 +61,28 @@ class _Quadratic(torch.autograd.Function):
         return grad.mul_(grad_out), None, None, None
 
 
+class _PenalisedLinear(torch.autograd.Function):
+    """A learner's outputs on the current rows (values already known), with the EWC penalty's
+    gradient folded into the weight-gradient matmul: ``grad W = pen_w + Delta^T X`` in one GEMM."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, known_out, x, pen_w, pen_b):  # noqa: D102
+        ctx.save_for_backward(x)
+        ctx.pens = [pen_w, pen_b]
+        return known_out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (x,) = ctx.saved_tensors
+        pen_w, pen_b = ctx.pens
+        ctx.pens = [None, None]
+        gw = grad.T @ x if pen_w is None else pen_w.addmm_(grad.T, x)
+        gb = grad.sum(0)
+        if pen_b is not None:
+            gb = gb + pen_b
+        return gw, gb, None, None, None, None
+
+
 def _direction_terms(u, v, xa, xb, tau):
     """Fisher sums of one direction over equal-size batches (nb, B, d): rows are ``u``'s side.
 
@@ -124,6 +146,13 @@ class EWC(Strategy):
         self._penalty_sum, self._updates, self._last_penalty = None, 0, None
         self._scaled, self._work = {}, {}
 
+    def _scaled_fisher(self, key: str) -> torch.Tensor:
+        scaled = self._scaled.get(key)
+        if scaled is None:     # 2 lam F, fixed during a step
+            scaled = self._scaled[key] = (2.0 * self.lambda_ewc) * self.fisher[key]
+            self._work[key] = torch.empty_like(scaled)
+        return scaled
+
     def penalty(self, modalities) -> torch.Tensor | None:
         """The EWC term over the learners of ``modalities`` that have a Fisher (None if none has)."""
         terms = []
@@ -131,20 +160,49 @@ class EWC(Strategy):
             for kind, p in (("weight", self.learners[m].weight), ("bias", self.learners[m].bias)):
                 key = f"{m}.{kind}"
                 if key in self.fisher:
-                    scaled = self._scaled.get(key)
-                    if scaled is None:     # 2 lam F, fixed during a step
-                        scaled = self._scaled[key] = (2.0 * self.lambda_ewc) * self.fisher[key]
-                        self._work[key] = torch.empty_like(scaled)
+                    scaled = self._scaled_fisher(key)
                     terms.append(_Quadratic.apply(p, self.star[key], scaled, self._work[key]))
         if not terms:
             return None
         return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
+    @torch.no_grad()
+    def _penalty_parts(self, m: str) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """``[2 lam F (W - W*), 2 lam F (c - c*)]`` (None without a Fisher) and the penalty value."""
+        pens, value = [], None
+        for kind, p in (("weight", self.learners[m].weight), ("bias", self.learners[m].bias)):
+            key = f"{m}.{kind}"
+            if key not in self.fisher:
+                pens.append(None)
+                continue
+            scaled = self._scaled_fisher(key)
+            diff = torch.sub(p, self.star[key], out=self._work[key])
+            pen = torch.mul(diff, scaled)
+            part = 0.5 * torch.dot(pen.view(-1), diff.view(-1))
+            value = part if value is None else value + part
+            pens.append(pen)
+        return pens, value
+
     def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
-        losses = super().losses(batch, out)
         pair = batch.single_pair
-        modalities = pair if pair is not None else sorted(set(batch.ma.tolist()) | set(batch.mb.tolist()))
-        term = self.penalty(dict.fromkeys(modalities)) if self.lambda_ewc > 0 else None
+        term = None
+        if (self.lambda_ewc > 0 and pair is not None and pair[0] != pair[1] and out.u.requires_grad
+                and any(f"{m}.{k}" in self.fisher for m in pair for k in ("weight", "bias"))):
+            # Fast path: the penalty's gradient joins each learner's weight-gradient matmul, and
+            # the (detached) value is logged; the gradient equals that of the loss form.
+            outputs = {}
+            for m, known, x in ((pair[0], out.u, batch.xa), (pair[1], out.v, batch.xb)):
+                pens, value = self._penalty_parts(m)
+                layer = self.learners[m]
+                outputs[m] = _PenalisedLinear.apply(layer.weight, layer.bias, known.detach(), x, *pens)
+                if value is not None:
+                    term = value if term is None else term + value
+            out = PairOutput(outputs[pair[0]], outputs[pair[1]])
+            losses = super().losses(batch, out)
+        else:
+            losses = super().losses(batch, out)
+            modalities = pair if pair is not None else sorted(set(batch.ma.tolist()) | set(batch.mb.tolist()))
+            term = self.penalty(dict.fromkeys(modalities)) if self.lambda_ewc > 0 else None
         if term is None:
             term = out.u.new_zeros(())
         losses["ewc_loss"] = term
