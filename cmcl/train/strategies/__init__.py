@@ -14,7 +14,11 @@ from cmcl.train.strategies.base import Objective, Strategy
 from cmcl.train.strategies.cflat import CFlat
 from cmcl.train.strategies.cila import CILA
 from cmcl.train.strategies.co2l import Co2L
+from cmcl.train.strategies.der import DER
+from cmcl.train.strategies.derpp import DERpp
 from cmcl.train.strategies.dns import DNS
+from cmcl.train.strategies.ewc import EWC
+from cmcl.train.strategies.gem import GEM
 from cmcl.train.strategies.mnl import MNL
 from cmcl.train.strategies.pnr import PNR
 from cmcl.train.strategies.vanilla import Vanilla
@@ -22,10 +26,14 @@ from cmcl.train.strategies.zo import ZO
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "vanilla": Vanilla,
-    "dns": DNS,
+    "gem": GEM,
+    "der": DER,
+    "derpp": DERpp,
+    "ewc": EWC,
     "co2l": Co2L,
     "cflat": CFlat,
     "cila": CILA,
+    "dns": DNS,
     # related work (issue 4); they sort after the paper's nine
     "pnr": PNR,
     "zo": ZO,
