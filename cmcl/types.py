@@ -39,12 +39,15 @@ class StepInfo:
         seed: a seed derived from the run seed and the step index, for any randomness a strategy
             needs inside this step (buffer sampling, perturbations). Using it keeps resumed runs
             identical to uninterrupted ones.
+        clip_norm: the gradient-norm clipping the trainer applies in this step (``None``: none);
+            set by the trainer, so a strategy can tell whether gradients get rescaled.
     """
 
     index: int
     dataset: str
     modalities: tuple[str, str]
     seed: int
+    clip_norm: float | None = None
 
     @property
     def key(self) -> str:

@@ -125,8 +125,8 @@ def test_fast_projection_equals_dense(rank_p, rank_q):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_rank_b_route_is_used_and_recovers_the_clipping_scale():
-    """At large d and small B, DNS projects via (Qδᵀ)(XP) and must undo the trainer's clip factor."""
+def test_rank_b_route_uses_the_trainers_clip_factor():
+    """At large d and small B, DNS projects via (Qδᵀ)(XP), scaled by the factor the trainer clipped by."""
     d, b = 256, 8
     torch.manual_seed(0)
     learners = ModalityLearners(["text", "audio"], d)
@@ -146,7 +146,8 @@ def test_rank_b_route_is_used_and_recovers_the_clipping_scale():
     loss = dns.losses(batch, out)["contrastive_loss"]
     loss.backward()
     w = learners["text"].weight
-    w.grad.mul_(0.25)  # what clipping would do
+    w.grad.mul_(0.25)  # what clipping would do; the trainer reports it on the output
+    out.grad_scale = 0.25
     raw = w.grad.clone()
     left, right = dns._proj["text"]
     want = raw - left.dense() @ raw @ right.dense()
@@ -202,3 +203,36 @@ def test_covariance_is_the_running_mean_of_all_past_inputs():
     # the output side of text accumulates the partners' outputs (identity learners here)
     outs = np.concatenate([xb1, xb2]).astype(np.float64)
     np.testing.assert_allclose(dns.cov_out["text"].numpy(), outs.T @ outs / 80, atol=1e-6)
+
+
+@pytest.mark.parametrize("project_bias", [False, True])
+def test_fused_projection_gives_the_same_update_as_the_hook(project_bias):
+    """Projecting inside back-propagation (no clipping, Q = I) equals G − G P applied in before_update."""
+    finals = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        learners = ModalityLearners(["text", "audio"], D)
+        dns = get_strategy("dns", lambda_min=0.02, project_bias=project_bias, fused=fused)
+        dns.setup(learners, Objective())
+        # SGD: Adam would amplify the rounding noise of the b-side bias gradient (analytically 0)
+        sgd = Harness(lr=0.5, weight_decay=1e-3, decay_bias=True, linear_decay=False, clip_norm=None, optimizer="sgd")
+        for i, seed in enumerate((1, 2, 3), start=1):
+            xa, xb = low_rank_pairs(seed) if i == 1 else generic_pairs(seed)
+            fit_step(learners, dns, StepInfo(i, "A", ("text", "audio"), i),
+                     PairedFeatures.from_arrays(xa, xb, ("text", "audio"), i), harness=sgd, epochs=2, batch_size=32)
+            assert dns.report()["dns/fused"] == (2.0 if fused and i > 1 else 0.0)
+        assert not learners.grad_inputs  # cleared after each step
+        finals.append(torch.cat([p.detach().flatten() for p in learners.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_projection_is_not_used_when_the_trainer_clips():
+    learners = ModalityLearners(["text", "audio"], D)
+    dns = get_strategy("dns", lambda_min=0.02)
+    dns.setup(learners, Objective())
+    clip = Harness(lr=1e-2, weight_decay=0.0, decay_bias=True, linear_decay=False, clip_norm=1.0)
+    for i in (1, 2):
+        xa, xb = low_rank_pairs(i)
+        fit_step(learners, dns, StepInfo(i, "A", ("text", "audio"), i),
+                 PairedFeatures.from_arrays(xa, xb, ("text", "audio"), i), harness=clip, epochs=1, batch_size=32)
+        assert dns.report()["dns/fused"] == 0.0

@@ -82,6 +82,37 @@ def test_hooks_fire_in_order_and_all_are_reachable():
     assert rec.calls == ["setup", "before_step", "training_set", *per_batch * 6, "after_step"]
 
 
+class ClipWitness(Strategy):
+    """Checks that ``out.grad_scale`` is the factor the trainer's clipping applied."""
+
+    name = "clipwitness"
+
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def compute_gradients(self, closure):
+        losses, out = closure()
+        self.raw = [p.grad.clone() for p in self.learners.parameters() if p.grad is not None]
+        return losses, out
+
+    def before_update(self, batch, out):
+        grads = [p.grad for p in self.learners.parameters() if p.grad is not None]
+        for g, r in zip(grads, self.raw):
+            torch.testing.assert_close(g, r * out.grad_scale, rtol=1e-5, atol=1e-8)
+        self.scales.append(out.grad_scale)
+
+
+@pytest.mark.parametrize("clip, clipped", [(1e-3, True), (None, False)])
+def test_grad_scale_reports_the_clipping_factor(clip, clipped):
+    learners = ModalityLearners(["text", "audio"], 8)
+    s = ClipWitness()
+    s.setup(learners, Objective())
+    h = Harness(lr=1e-2, weight_decay=0.0, decay_bias=True, linear_decay=False, clip_norm=clip)
+    fit_step(learners, s, StepInfo(1, "toy", ("text", "audio"), 0), toy_data(), harness=h, epochs=1, batch_size=16)
+    assert len(s.scales) == 3
+    assert all(x < 1.0 for x in s.scales) if clipped else all(x == 1.0 for x in s.scales)
+
+
 def test_loss_matches_hand_computation_and_b_bias_gets_no_gradient():
     u = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     v = torch.tensor([[0.5, 0.5], [0.0, 1.0], [2.0, 0.0]])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -15,10 +15,38 @@ from cmcl.types import check_modality_name
 
 @dataclass
 class PairOutput:
-    """Learner outputs of a batch: ``u = f_a(x_a)`` and ``v = f_b(x_b)``, row-aligned with the batch."""
+    """Learner outputs of a batch: ``u = f_a(x_a)`` and ``v = f_b(x_b)``, row-aligned with the batch.
+
+    ``grad_scale`` is the factor the trainer multiplied every gradient by after back-propagation
+    (gradient-norm clipping); 1.0 when it did not rescale. Hooks that reason about the raw gradient
+    (DNS's rank-B projection) read it in ``before_update``.
+    """
 
     u: torch.Tensor
     v: torch.Tensor
+    grad_scale: float = 1.0
+
+
+class _GradInputLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` whose weight gradient is computed from other inputs ``xg`` (``δᵀ xg``).
+
+    ``xg`` has d columns, or d + 1 when the bias is treated as the weight of a constant input
+    (its gradient is then ``δᵀ xg[:, d]`` instead of ``Σ δ``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, xg, weight, bias):
+        ctx.save_for_backward(xg, weight)
+        return torch.addmm(bias, x, weight.T)
+
+    @staticmethod
+    def backward(ctx, gz):
+        xg, weight = ctx.saved_tensors
+        d = weight.shape[1]
+        grad_x = gz @ weight if ctx.needs_input_grad[0] else None
+        grad_w = gz.T @ xg[:, :d]
+        grad_b = gz.T @ xg[:, d] if xg.shape[1] > d else gz.sum(0)
+        return grad_x, None, grad_w, grad_b
 
 
 class ModalityLearners(nn.Module):
@@ -39,6 +67,9 @@ class ModalityLearners(nn.Module):
                 layer.weight.copy_(torch.eye(self.dim))
                 layer.bias.zero_()
             self.layers[check_modality_name(m)] = layer
+        #: modality -> function of a batch's inputs giving the inputs its *weight gradient* is
+        #: computed from (outputs are unchanged). Empty by default; DNS projects here.
+        self.grad_inputs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -52,15 +83,22 @@ class ModalityLearners(nn.Module):
         """Apply the learner of ``modality`` to (N, D) inputs."""
         return self.layers[modality](x)
 
+    def _linear(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[m]
+        transform = self.grad_inputs.get(m)
+        if transform is None or not torch.is_grad_enabled() or not layer.weight.requires_grad:
+            return layer(x)
+        return _GradInputLinear.apply(x, transform(x), layer.weight, layer.bias)
+
     def _apply_rows(self, names: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         first = names[0]
         if (names == first).all():
-            return self.layers[str(first)](x)
+            return self._linear(str(first), x)
         out = torch.empty_like(x)
         # One matmul per distinct modality, scattered back into row order.
         for m in np.unique(names):
             rows = torch.as_tensor(np.flatnonzero(names == m), device=x.device)
-            out = out.index_put((rows,), self.layers[str(m)](x[rows]))
+            out = out.index_put((rows,), self._linear(str(m), x[rows]))
         return out
 
     def forward_pairs(self, batch: PairedFeatures) -> PairOutput:

@@ -7,6 +7,7 @@ and seed into a run directory (resumable); strategies plug in through the hooks 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import shutil
@@ -87,6 +88,7 @@ class StepResult:
 def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, data: PairedFeatures, *,
              harness: Harness, epochs: int, batch_size: int, progress: bool = False) -> StepResult:
     """Train one step: hooks, a fresh optimizer and scheduler, ``epochs`` passes over the batches."""
+    step = dataclasses.replace(step, clip_norm=harness.clip_norm)
     strategy.before_step(step, data)
     train = strategy.training_set(step, data)
     n = len(train)
@@ -115,7 +117,9 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
 
             losses, out = strategy.compute_gradients(closure)
             if harness.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], harness.clip_norm)
+                norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], harness.clip_norm)
+                # the factor clip_grad_norm_ applied (same formula), for hooks that need raw gradients
+                out.grad_scale = min(1.0, harness.clip_norm / (float(norm) + 1e-6))
             strategy.before_update(batch, out)
             opt.step()
             sched.step()

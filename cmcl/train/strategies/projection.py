@@ -128,7 +128,7 @@ def projector_from_covariance(cov: torch.Tensor, *, threshold: float = 0.0,
 
 def project_out(grad: torch.Tensor, left: Projector, right: Projector, *,
                 x: torch.Tensor | None = None, delta: torch.Tensor | None = None,
-                scale: float | None = None) -> torch.Tensor:
+                scale: float | None = None, subtract: bool = False) -> torch.Tensor:
     """``left @ grad @ right``, the part of a gradient DNS removes, computed cheaply.
 
     Three exact routes, chosen by flop count:
@@ -144,9 +144,11 @@ def project_out(grad: torch.Tensor, left: Projector, right: Projector, *,
         grad: (d_out, d_in) gradient.
         left, right: projectors on the output and input side.
         x, delta, scale: the rank-B factors, when known.
+        subtract: instead of returning the part, subtract it from ``grad`` in place (fused into
+            the last matrix product where possible) and return ``grad``.
     """
     if left.is_zero or right.is_zero:
-        return torch.zeros_like(grad)
+        return grad if subtract else torch.zeros_like(grad)
     d_out, d_in = grad.shape
     kr, kl = right.cost_rank, left.cost_rank
     routes = {"grad": 4 * d_out * d_in * (kr + kl)}
@@ -158,8 +160,12 @@ def project_out(grad: torch.Tensor, left: Projector, right: Projector, *,
     route = min(routes, key=routes.get)
     if route == "low_rank":
         u = right.basis
-        dq = left.left(delta.T)                    # (d_out, B)
-        return ((dq @ (x @ u)) * scale) @ u.T
-    if route == "rank_b":
-        return (left.left(delta.T) * scale) @ right.right(x)
-    return left.left(right.right(grad))
+        a, b_ = left.left(delta.T) @ (x @ u), u.T        # (d_out, k) and (k, d_in)
+    elif route == "rank_b":
+        a, b_ = left.left(delta.T), right.right(x)       # (d_out, B) and (B, d_in)
+    else:
+        part = left.left(right.right(grad))
+        return grad.sub_(part) if subtract else part
+    if subtract:
+        return grad.addmm_(a, b_, alpha=-scale)
+    return (a * scale) @ b_
