@@ -174,24 +174,25 @@ def test_parse_params_scopes_and_types():
         parse_params(("lambda_min",), ["dns"])
 
 
-def test_real_encoder_extraction_through_the_cli(tmp_path):
-    """imagebind with tiny random weights on an LLVIP fixture: extract, inspect, verify, train (warns)."""
+@pytest.mark.parametrize("backbone", ["imagebind", "unibind", "languagebind"])
+def test_real_encoder_extraction_through_the_cli(tmp_path, backbone):
+    """A real encoder with tiny random weights on an LLVIP fixture: extract, inspect, verify, train (warns)."""
     from tests import dataset_fixtures
 
     dataset_fixtures.make_llvip(tmp_path / "data")
     out = tmp_path / "features"
-    r = invoke("extract", "--backbone", "imagebind", "--random-weights", "tiny", "--device", "cpu", "--dataset",
+    r = invoke("extract", "--backbone", backbone, "--random-weights", "tiny", "--device", "cpu", "--dataset",
                "llvip", "--data-root", tmp_path / "data", "--out", out, "--workers", "0", "--batch-size", "4", "-q",
                "--max-failures", "1")  # the fixture lacks one infrared image
     assert r.exit_code == 0, r.output
-    assert "010003" in (out / "imagebind" / "llvip" / "train.failures.csv").read_text()
-    shard = shard_path(out, "imagebind", "llvip", "train")
+    assert "010003" in (out / backbone / "llvip" / "train.failures.csv").read_text()
+    shard = shard_path(out, backbone, "llvip", "train")
     info = invoke("info", shard)
     assert "random_weights: tiny" in info.output and "check: ok" in info.output
-    assert invoke("extract", "--verify", out, "--backbone", "imagebind", "--dataset", "llvip").exit_code == 0
+    assert invoke("extract", "--verify", out, "--backbone", backbone, "--dataset", "llvip").exit_code == 0
     proto = tmp_path / "p.toml"
     proto.write_text('[[step]]\ndataset = "llvip"\nmodalities = ["vision", "thermal"]\n')
-    r = invoke("train", "--features", out, "--backbone", "imagebind", "--protocol", proto, "--runs",
+    r = invoke("train", "--features", out, "--backbone", backbone, "--protocol", proto, "--runs",
                tmp_path / "runs", "--epochs", "1", "--batch-size", "2", "--strategy", "vanilla")
     assert r.exit_code == 0, r.output
     assert "randomly initialised weights" in r.output
