@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,18 +15,15 @@ from cmcl.train.strategies.co2l import relation_distillation, stacked_unit
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 
+from tests.helpers import random_pairs
+
 D = 8
 ADAMW = Harness(lr=1e-2, weight_decay=1e-2, decay_bias=False, linear_decay=True, clip_norm=1.0)
 STEPS = [("A", ("text", "audio")), ("B", ("vision", "text")), ("C", ("audio", "depth"))]
 
 
 def pairs(n, seed, pair, step):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, D))
-    y = x @ rng.standard_normal((D, D)) * 0.5 + rng.standard_normal((n, D))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    return PairedFeatures.from_arrays(x.astype(np.float32), y.astype(np.float32), pair, step)
+    return random_pairs(n, D, seed, pair, step)
 
 
 def test_worked_example_and_rules():

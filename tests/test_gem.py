@@ -18,19 +18,15 @@ from cmcl.train.strategies.gem import gem_multipliers, grouped_info_nce
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 
+from tests.helpers import random_pairs
+
 D = 6
 HARNESS = Harness(lr=5e-2, weight_decay=0.0, decay_bias=False, linear_decay=False, clip_norm=1.0)
 MODALITIES = ["text", "audio", "video", "vision", "depth"]
 
 
 def pairs(n, seed, pair, step):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, D))
-    y = x @ rng.standard_normal((D, D)) * 0.5 + rng.standard_normal((n, D))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    data = PairedFeatures.from_arrays(x.astype(np.float32), y.astype(np.float32), pair, step)
-    return data
+    return random_pairs(n, D, seed, pair, step)
 
 
 def random_problem(seed, k=3, p=50):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmcl.data.paired import PairedFeatures
 from cmcl.train import checkpoint as ckpt
 from cmcl.train.config import Harness, TrainConfig
 from cmcl.train.learners import ModalityLearners
@@ -20,17 +19,14 @@ from cmcl.train.strategies.base import Objective
 from cmcl.train.trainer import fit_step, train_run
 from cmcl.types import StepInfo
 
+from tests.helpers import random_pairs
+
 NAMES = sorted(STRATEGIES)
 HARNESS = Harness(lr=1e-2, weight_decay=1e-2, decay_bias=False, linear_decay=True, clip_norm=1.0)
 
 
 def pairs(n, d, seed, pair):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    y = (x @ rng.standard_normal((d, d)) * 0.3 + rng.standard_normal((n, d))).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    return PairedFeatures.from_arrays(x, y, pair, 0, labels=np.arange(n) % 4)
+    return random_pairs(n, d, seed, pair, coupling=0.3, labels=np.arange(n) % 4)
 
 
 STEPS = [("toyA", ("text", "audio")), ("toyB", ("vision", "depth")), ("toyC", ("audio", "text"))]
