@@ -292,32 +292,31 @@ def merge_lora(state: Mapping[str, torch.Tensor], alpha: float | None = None) ->
     return plain, len(lora)
 
 
-def tiny_config(kind: str) -> LanguageBindConfig:
-    """Tiny configurations of the five towers (text/vision width 32, 1 layer, 2 heads, projection 16)."""
-    text = TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      hidden_act="gelu")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  patch_size=14, image_size=224, hidden_act="gelu")
+def _config(kind: str, text: TextConfig, vision: dict, projection_dim: int) -> LanguageBindConfig:
+    """A LanguageBind tower configuration; video adds temporal attention, audio its mel geometry."""
+    vision = dict(vision, patch_size=14, image_size=224, hidden_act="gelu")
     if kind == "video":
         vision.update(add_time_attn=True, num_frames=8)
     if kind == "audio":
         vision.update(num_mel_bins=112, target_length=1036)
-    return LanguageBindConfig(text=text, vision=VisionConfig(**vision), projection_dim=16,
+    return LanguageBindConfig(text=text, vision=VisionConfig(**vision), projection_dim=projection_dim,
                               model_type=f"LanguageBind{kind.capitalize()}")
+
+
+def tiny_config(kind: str) -> LanguageBindConfig:
+    """Tiny configurations of the five towers (text/vision width 32, 1 layer, 2 heads, projection 16)."""
+    text = TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      hidden_act="gelu")
+    return _config(kind, text, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2), 16)
 
 
 def large_config(kind: str) -> LanguageBindConfig:
     """The released Large configuration (ViT-L/14 vision, 768-wide text, projection 768)."""
     text = TextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       hidden_act="gelu")
-    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  patch_size=14, image_size=224, hidden_act="gelu")
-    if kind == "video":
-        vision.update(add_time_attn=True, num_frames=8)
-    if kind == "audio":
-        vision.update(num_mel_bins=112, target_length=1036)
-    return LanguageBindConfig(text=text, vision=VisionConfig(**vision), projection_dim=768,
-                              model_type=f"LanguageBind{kind.capitalize()}")
+    return _config(kind, text, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                    num_attention_heads=16), 768)
 
 
 def param_count(cfg: LanguageBindConfig) -> int:
