@@ -196,3 +196,21 @@ def test_real_encoder_extraction_through_the_cli(tmp_path, backbone):
                tmp_path / "runs", "--epochs", "1", "--batch-size", "2", "--strategy", "vanilla")
     assert r.exit_code == 0, r.output
     assert "randomly initialised weights" in r.output
+
+
+def test_check_checkpoint_through_the_cli(tmp_path, monkeypatch):
+    """--check-checkpoint reads keys and shapes only: a tiny file does not fit the full-size model."""
+    import torch
+
+    from cmcl.extract.encoders.imagebind import ImageBindEncoder
+
+    monkeypatch.delenv("CMCL_IMAGEBIND_CHECKPOINT", raising=False)
+    tiny = ImageBindEncoder.load(random_weights="tiny", device="cpu")
+    net = next(m for m in vars(tiny).values() if isinstance(m, torch.nn.Module))
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(net.state_dict(), ckpt)
+    r = invoke("extract", "--backbone", "imagebind", "--checkpoint", ckpt, "--check-checkpoint")
+    assert r.exit_code == 2 and "does not fit the imagebind architecture" in r.output
+    assert "missing" in r.output or "shape" in r.output
+    r = invoke("extract", "--backbone", "imagebind", "--checkpoint", tmp_path / "nope.pth", "--check-checkpoint")
+    assert r.exit_code == 2 and "nope.pth" in r.output and "Traceback" not in r.output
