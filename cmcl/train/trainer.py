@@ -89,6 +89,7 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
              harness: Harness, epochs: int, batch_size: int, progress: bool = False) -> StepResult:
     """Train one step: hooks, a fresh optimizer and scheduler, ``epochs`` passes over the batches."""
     step = dataclasses.replace(step, clip_norm=harness.clip_norm)
+    start = time.perf_counter()  # the whole step, the strategy's per-step work included
     strategy.before_step(step, data)
     train = strategy.training_set(step, data)
     n = len(train)
@@ -100,7 +101,6 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
     params = [p for p in learners.parameters()]
     gen = torch.Generator().manual_seed(derive_seed(step.seed, 1))
     records: list[dict[str, torch.Tensor]] = []
-    start = time.perf_counter()
     bar = tqdm(total=total, desc=f"step {step.index} {step.key}", unit="upd", leave=False,
                disable=not progress, mininterval=0.5)
     for epoch in range(epochs):
@@ -127,14 +127,13 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
             records.append({k: v.detach() for k, v in losses.items()})
             bar.update(1)
     bar.close()
-    seconds = time.perf_counter() - start
     keys = sorted({k for r in records for k in r})
     table = {k: torch.stack([r.get(k, torch.tensor(float("nan"))).float().cpu() for r in records]).numpy()
              for k in keys}
     frame = pd.DataFrame({"epoch": np.repeat(np.arange(epochs), per_epoch)[:len(records)],
                           "update": np.arange(len(records)), **table})
     strategy.after_step(step, data)
-    return StepResult(frame, len(records), seconds)
+    return StepResult(frame, len(records), time.perf_counter() - start)
 
 
 def _git_sha() -> str:
