@@ -214,3 +214,15 @@ def test_check_checkpoint_through_the_cli(tmp_path, monkeypatch):
     assert "missing" in r.output or "shape" in r.output
     r = invoke("extract", "--backbone", "imagebind", "--checkpoint", tmp_path / "nope.pth", "--check-checkpoint")
     assert r.exit_code == 2 and "nope.pth" in r.output and "Traceback" not in r.output
+
+
+def test_strategy_parameter_types_are_checked():
+    from cmcl.errors import ConfigError
+    from cmcl.train.strategies import resolve_params
+
+    with pytest.raises(ConfigError, match="lambda_min expects a number, got 'abc'"):
+        resolve_params("dns", {"lambda_min": "abc"})
+    with pytest.raises(ConfigError, match="project_bias expects true or false"):
+        resolve_params("dns", {"project_bias": 1})
+    assert resolve_params("dns", {"lambda_min": 1})["lambda_min"] == 1.0
+    assert resolve_params("dns", {"energy_in": 0.9})["energy_in"] == 0.9   # default None: any value

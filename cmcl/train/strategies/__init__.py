@@ -82,8 +82,31 @@ def resolve_params(name: str, params: Mapping[str, Any], backbone: str | None = 
     resolved = dict(accepted)
     if backbone is not None:
         resolved.update(cls.backbone_defaults.get(backbone, {}))
-    resolved.update(params)
+    for key, value in params.items():
+        resolved[key] = _typed(name, key, accepted[key], value)
     return resolved
+
+
+def _typed(strategy: str, key: str, default: Any, value: Any) -> Any:
+    """Check ``value`` against the type of the parameter's default (ints are accepted for floats)."""
+    def fail(kind: str) -> ConfigError:
+        return ConfigError(f"strategy {strategy!r}: parameter {key} expects {kind}, got {value!r}")
+
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise fail("an integer")
+        return float(value) if isinstance(default, float) else value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise fail("a string")
+    return value
 
 
 def get_strategy(name: str, backbone: str | None = None, **params: Any) -> Strategy:
