@@ -135,7 +135,29 @@ def _seeds(text: str, what: str = "--seeds") -> list[int]:
     return seeds
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineGroup(click.Group):
+    """Usage errors (a bad option value, a missing option, an unknown command) as one line, exit 2,
+    like every other user error, instead of click's usage block."""
+
+    @staticmethod
+    def _one_line(exc: click.UsageError) -> UserError:
+        where = exc.ctx.command_path if exc.ctx is not None else "cmcl"
+        return UserError(f"{where}: {exc.format_message()} (see {where} --help)")
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from None
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="cmcl")
 def cli() -> None:
     """Continual multimodal contrastive learning over frozen modality-binding encoders.

@@ -147,7 +147,11 @@ def _git_sha() -> str:
 
 
 def feature_fingerprint(cfg: TrainConfig, protocol: Protocol) -> dict[str, Any]:
-    """Which feature files (and their creation stamps) a run was trained on."""
+    """Which feature files a run was trained on: name, creation stamp, rows, size and modification time.
+
+    The size and modification time catch a file edited in place; a copied cache keeps its
+    fingerprint when the copy keeps modification times (``cp -a``, ``rsync -a``).
+    """
     out = {}
     for dataset in protocol.datasets:
         for split in ("train", "test"):
@@ -155,7 +159,8 @@ def feature_fingerprint(cfg: TrainConfig, protocol: Protocol) -> dict[str, Any]:
             stamps = []
             for f in files:
                 with FeatureShard(f) as shard:
-                    stamps.append(f"{f.name}@{shard.meta.created_utc}:{len(shard)}")
+                    st = f.stat()
+                    stamps.append(f"{f.name}@{shard.meta.created_utc}:{len(shard)}:{st.st_size}:{st.st_mtime_ns}")
             out[f"{dataset}/{split}"] = stamps
     return out
 
@@ -221,8 +226,11 @@ def _prepare_folder(plan: RunPlan, run: Path, *, resume: bool, overwrite: bool) 
             if diff:
                 raise RunError(f"{run}: --resume with a different configuration (differs in {', '.join(diff)}); "
                                f"use another --runs folder or --overwrite")
-            if old.get("features") != plan.fingerprint:
-                raise RunError(f"{run}: --resume but the feature files changed since the run started")
+            before = old.get("features") or {}
+            changed = sorted(k for k in set(before) | set(plan.fingerprint) if before.get(k) != plan.fingerprint.get(k))
+            if changed:
+                raise RunError(f"{run}: --resume but the feature files changed since the run started "
+                               f"({', '.join(changed)} under {cfg.features}/{cfg.backbone})")
     elif run.exists() and any(run.iterdir()):
         raise RunError(f"{run} exists but has no config.json; remove it or pass --overwrite")
     run.mkdir(parents=True, exist_ok=True)
