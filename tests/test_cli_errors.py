@@ -127,7 +127,7 @@ def test_extract_without_backbone(tmp_path):
 
 # ----------------------------------------------------------------------------------- info
 @pytest.mark.xfail(strict=True, reason="lead: click's Path(exists=True) on `info PATH` prints a usage block and "
-                                      "'Error: Invalid value for PATH' (4 lines, no 'cmcl: error:') instead of one line")
+                                      "'Error: Invalid value for PATH' (4 lines, no 'cmcl: error:'), not one line")
 def test_info_on_a_missing_path(tmp_path):
     r = invoke("info", tmp_path / "nowhere")
     user_error(r, "nowhere")

@@ -288,7 +288,8 @@ def write_fake_run(runs, root, proto, seed):
     run.mkdir(parents=True)
     cfg = {"features": str(root), "backbone": "toy", "strategy": "dns", "label": "dns", "seed": seed,
            "protocol": str(proto), "recall_protocol": "paper", "pool_size": 1000, "pool_count": 5, "eval_seed": 0}
-    ckpt.write_json(run / "config.json", {"config": cfg, "protocol": {"steps": ["alpha:text-audio", "beta:vision-text"]}})
+    header = {"config": cfg, "protocol": {"steps": ["alpha:text-audio", "beta:vision-text"]}}
+    ckpt.write_json(run / "config.json", header)
     bogus = [{"trained_through": 0, "eval_step": 1, "dataset": "alpha", "pair": "text-audio", "direction": "mean",
               "metric": "R@10", "value": -1.0}]
     states = []
