@@ -332,3 +332,31 @@ def test_evaluate_runs_rescored_table2_matches_an_independent_computation(tiny, 
         {k: v.double().numpy() for k, v in ModalityLearners(["text", "audio", "vision"], D).state_dict().items()},
         tests[0])["acc"], abs=1e-6)
     assert json.loads((runs / "toy" / "dns" / "seed-0" / "config.json").read_text())["config"]["seed"] == 0
+
+
+def test_stored_eval_rows_are_the_evaluation_of_the_stored_checkpoints(tiny_cache, short_protocol, tmp_path):
+    """What training writes in step-NN/eval.csv is row NN: the learners saved after step NN, evaluated."""
+    from click.testing import CliRunner
+
+    from cmcl.cli import cli
+    from cmcl.evaluate.runs import rescore_run
+
+    r = CliRunner().invoke(cli, ["train", "--features", str(tiny_cache), "--backbone", "synthetic", "--protocol",
+                                 str(short_protocol), "--runs", str(tmp_path / "runs"), "--epochs", "1", "-q",
+                                 "--strategy", "vanilla", "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    run = ckpt.run_dir(tmp_path / "runs", "synthetic", "vanilla", 0)
+    stored = ckpt.read_eval(run)
+    cfg = ckpt.read_json(run / "config.json")["config"]
+    settings = EvalSettings(cfg["recall_protocol"], cfg["pool_size"], cfg["pool_count"], cfg["eval_seed"])
+    again = rescore_run(run, settings)
+    key = ["trained_through", "eval_step", "direction", "metric"]
+    merged = stored.merge(again, on=key, suffixes=("_stored", "_again"), validate="one_to_one")
+    assert len(merged) == len(stored) == len(again) and sorted(set(stored["trained_through"])) == [0, 1, 2, 3]
+    np.testing.assert_allclose(merged["value_stored"], merged["value_again"], atol=1e-4)
+    # the rows differ from step to step (training moved the learners), so a shifted row would show
+    r10 = result_matrix(stored, "R@10", 3)
+    assert not np.allclose(r10[0], r10[3])
+    summary = ckpt.read_json(run / "summary.json")
+    for m, v in summarize_run(stored, 3).items():
+        assert summary[m] == pytest.approx(v, nan_ok=True), m
