@@ -48,10 +48,10 @@ def coerce(value: Any, default: Any) -> Any:
             raise ValueError(f"expects true or false, got {value!r}")
         return value
     if isinstance(default, (int, float)):
+        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"expects an integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expects a number, got {value!r}")
-        if isinstance(default, int) and not isinstance(value, int):
-            raise ValueError(f"expects an integer, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"expects a finite number, got {value!r}")
         return float(value) if isinstance(default, float) else value

@@ -41,7 +41,7 @@ def test_parse_reader_options():
     assert parse_reader_options("ucf101", both) == {"split_set": 3}
     assert parse_reader_options("vggsound_s", both) == {"manifest": "m.csv"}
     assert parse_reader_options("llvip", both) == {}
-    with pytest.raises(DatasetError, match="needs an integer"):
+    with pytest.raises(DatasetError, match="split_set expects an integer, got .two."):
         parse_reader_options("ucf101", ["split_set=two"])
     with pytest.raises(DatasetError, match="KEY in none"):
         parse_reader_options("llvip", ["x=1"])
