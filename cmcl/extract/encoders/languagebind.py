@@ -182,7 +182,7 @@ class LanguageBindEncoder(Encoder):
         text_cfg = read_config(self.text_folder) if self.text_folder and not random_weights else self.configs[text_source]
         self.dim = text_cfg.projection_dim
         self.checkpoint = checkpoint
-        self.tokenizer = tokenizer or byte_level_tokenizer()
+        self.tokenizer = tokenizer or byte_level_tokenizer(cleaning="hf")
         for tower, cfg in self.configs.items():
             if cfg.projection_dim != self.dim:
                 raise EncoderError(f"languagebind: {self.folders.get(tower, tower)} projects to {cfg.projection_dim} "
@@ -341,6 +341,7 @@ class LanguageBindEncoder(Encoder):
             "preprocessing": json.dumps(prep, sort_keys=True),
             "tokenizer": self.tokenizer.source,
             "tokenizer_ftfy": bool(self.tokenizer.use_ftfy),
+            "tokenizer_cleaning": self.tokenizer.cleaning,
             "text_checkpoint": str(self.text_folder or f"{self.random_weights}:{self.text_source}"),
             "tower_checkpoints": json.dumps({t: str(f) for t, f in self.folders.items()}, sort_keys=True),
             "fp16": self.dtype == torch.float16,
