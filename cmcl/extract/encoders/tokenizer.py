@@ -196,7 +196,8 @@ class ClipTokenizer:
             raise EncoderError(f"cannot read tokenizer files {vocab_json}, {merges_txt}: {exc}") from None
         if lines and lines[0].startswith("#"):
             lines = lines[1:]
-        merges = [tuple(line.split()) for line in lines if line.strip()]
+        # HF's CLIPTokenizer, like OpenAI's, uses at most CLIP_MERGES merges (the released file has exactly that many)
+        merges = [tuple(line.split()) for line in lines if line.strip()][:CLIP_MERGES]
         kw.setdefault("pad_id", encoder.get(EOT, 0))
         kw.setdefault("cleaning", "hf")
         return cls(encoder, merges, source=f"{vocab_json},{merges_txt}", **kw)
