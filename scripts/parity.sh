@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Parity of cmcl's encoders with the upstream packages (ImageBind and LanguageBind) under random
 # weights. Builds a throw-away venv (nothing is installed into the calling environment), installs
-# cmcl with the CPU torch pin, the upstream packages WITHOUT their dependencies (they would pull
-# torchvision/torchaudio/decord and, through pip, possibly a CUDA torch) and the pinned libraries
-# they import, then runs tests/test_encoders_parity.py and fails if any test is skipped.
+# cmcl[test] with the CPU torch pin (the test extra brings upstream LanguageBind and its pinned
+# libraries), upstream ImageBind WITHOUT its dependencies (they would pull torchvision/torchaudio
+# and, through pip, possibly another torch), then runs tests/test_encoders_parity.py and fails if
+# any test is skipped.
 #
 #   bash scripts/parity.sh                 # temporary venv, removed afterwards
 #   PARITY_VENV=/tmp/pv bash scripts/parity.sh   # build (or reuse) a venv kept at that path
@@ -29,13 +30,13 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 CONSTRAINTS=$VENV/parity-constraints.txt
 echo "$TORCH_PIN" > "$CONSTRAINTS"
 
-"${PIP[@]}" -c "$CONSTRAINTS" "$TORCH_PIN" -e ".[test,languagebind]"
-# Upstream code, no dependencies: imagebind-unofficial's and languagebind's declared requirements
-# include torchvision/torchaudio; the parity tests import only their model modules.
-"${PIP[@]}" --no-deps imagebind-unofficial==0.1.1 languagebind==0.1.0
-# What those model modules import, at the versions languagebind 0.1.0 runs with.
-"${PIP[@]}" -c "$CONSTRAINTS" einops iopath portalocker \
-    transformers==4.40.2 tokenizers==0.19.1 "huggingface_hub<1" peft==0.11.1 accelerate==0.30.1
+# cmcl with its test extra, which holds upstream LanguageBind and the versions it runs with
+# (transformers 4.40.2, tokenizers 0.19.1, huggingface_hub<1, peft 0.11.1, accelerate 0.30.1, ftfy).
+"${PIP[@]}" -c "$CONSTRAINTS" "$TORCH_PIN" -e ".[test]"
+# Upstream ImageBind without its dependencies (it declares torchvision, torchaudio, timm,
+# pytorchvideo, decord); the parity test imports only its model modules.
+"${PIP[@]}" --no-deps imagebind-unofficial==0.1.1
+"${PIP[@]}" -c "$CONSTRAINTS" iopath portalocker
 "$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null \
     | grep -i -E '^(torch|transformers|tokenizers|huggingface.hub|peft|accelerate|ftfy|languagebind|imagebind-unofficial) '
 if "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torchvision', 'torchaudio')))"; then
