@@ -35,8 +35,8 @@ echo "$TORCH_PIN" > "$CONSTRAINTS"
 "${PIP[@]}" -c "$CONSTRAINTS" "$TORCH_PIN" -e ".[test]"
 # Upstream ImageBind without its dependencies (it declares torchvision, torchaudio, timm,
 # pytorchvideo, decord); the parity test imports only its model modules.
-"${PIP[@]}" --no-deps imagebind-unofficial==0.1.1
 "${PIP[@]}" -c "$CONSTRAINTS" iopath portalocker
+"${PIP[@]}" --no-deps imagebind-unofficial==0.1.1
 "$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null \
     | grep -i -E '^(torch|transformers|tokenizers|huggingface.hub|peft|accelerate|ftfy|languagebind|imagebind-unofficial) '
 if "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torchvision', 'torchaudio')))"; then
