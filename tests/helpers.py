@@ -1,6 +1,12 @@
-"""Small builders shared by the strategy tests."""
+"""Small builders shared by the tests: random pairs, and child processes that cannot outlive a test."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -16,3 +22,29 @@ def random_pairs(n: int, d: int, seed: int, pair: tuple[str, str], step: int = 0
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     y /= np.linalg.norm(y, axis=1, keepdims=True)
     return PairedFeatures.from_arrays(x.astype(np.float32), y.astype(np.float32), pair, step, labels=labels)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_process(args: list[str], *, timeout: float = 120, env: dict | None = None,
+                cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python ARGS...`` as a fresh interpreter in its own process group.
+
+    A fresh interpreter (never a fork of the test process, whose torch thread pool may be running) and
+    a process group that is killed on the way out, whatever happens: no child or grandchild (DataLoader
+    workers, say) outlives the test, and a hang becomes ``subprocess.TimeoutExpired`` after ``timeout``.
+    """
+    full_env = dict(os.environ if env is None else env)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=cwd or REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

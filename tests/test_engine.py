@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import dataset_fixtures as fx
+from tests.helpers import run_process
 from cmcl.data.features import FeatureShard, open_split, split_files
 from cmcl.data.readers import get_reader
 from cmcl.errors import ExtractError
@@ -70,68 +70,16 @@ def test_uninterrupted_run(reference, clotho_root):
 
 
 # ------------------------------------------------------------------------------------ kills
-def _killed_run(point: str, root: str, out: str, workers: int = 0) -> None:
-    """Child process: extraction that dies (``os._exit``, no cleanup) at ``point``."""
-    kind, _, nth = point.partition(":")
-    nth = int(nth or 1)
-    calls = {"n": 0}
-
-    def hit() -> bool:
-        calls["n"] += 1
-        return calls["n"] == nth
-
-    if kind == "encode":  # mid-batch: the second modality of a batch is never embedded
-        orig = FileHashEncoder.encode_batch
-
-        def encode_batch(self, m, b):
-            if m == "audio" and hit():
-                os._exit(9)
-            return orig(self, m, b)
-        FileHashEncoder.encode_batch = encode_batch
-    elif kind == "part-write":  # mid-write of a part file: a torn temporary file is left
-        def savez(fh, **arrays):
-            if hit():
-                fh.write(b"PK\x03\x04 torn")
-                fh.flush()
-                os._exit(9)
-            return orig_savez(fh, **arrays)
-        orig_savez = np.savez
-        engine.np.savez = savez
-    elif kind == "after-part":  # right after a part was committed
-        orig_write = engine._write_part
-
-        def write_part(*a, **k):
-            orig_write(*a, **k)
-            if hit():
-                os._exit(9)
-        engine._write_part = write_part
-    elif kind == "assemble":  # mid-write of the HDF5 shard itself
-        orig_append = engine.FeatureWriter.append
-
-        def append(self, *a, **k):
-            orig_append(self, *a, **k)
-            if hit():
-                self._h5.flush()
-                os._exit(9)
-        engine.FeatureWriter.append = append
-    elif kind == "after-rename":  # the shard is in place but the parts are not cleaned up
-        def rmtree(path, *a, **k):
-            if str(path).endswith(".h5.parts"):
-                os._exit(9)
-            return orig_rmtree(path, *a, **k)
-        orig_rmtree = shutil.rmtree
-        engine.shutil.rmtree = rmtree
-    extract(FileHashEncoder(), "clotho", "train", root, out, workers=workers, **RUN)
-    os._exit(0)
+def kill_at(point: str, root, out, workers: int = 0) -> None:
+    """Run an extraction in a fresh interpreter that dies at ``point``; it must die there (exit 9)."""
+    proc = run_process(["-m", "tests.engine_kill_child", point, str(root), str(out), str(workers)], timeout=120)
+    assert proc.returncode == 9, f"the child did not die at {point} (exit {proc.returncode}): {proc.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("point", ["encode:1", "encode:5", "part-write:2", "after-part:1", "after-part:3",
                                    "assemble:2", "after-rename"])
 def test_resume_after_kill_gives_identical_shard(point, clotho_root, reference, tmp_path):
-    child = mp.get_context("fork").Process(target=_killed_run, args=(point, str(clotho_root), str(tmp_path)))
-    child.start()
-    child.join(60)
-    assert child.exitcode == 9, f"the child did not die at {point}"
+    kill_at(point, clotho_root, tmp_path)
     target = tmp_path / "filehash" / "clotho" / "train.h5"
     assert not target.exists() or point == "after-rename"
     [res] = extract(FileHashEncoder(), "clotho", "train", clotho_root, tmp_path, **RUN)
@@ -146,10 +94,7 @@ def test_resume_after_kill_gives_identical_shard(point, clotho_root, reference, 
 
 
 def test_resume_after_kill_with_worker_processes(clotho_root, reference, tmp_path):
-    child = mp.get_context("fork").Process(target=_killed_run, args=("encode:4", str(clotho_root), str(tmp_path), 2))
-    child.start()
-    child.join(60)
-    assert child.exitcode == 9
+    kill_at("encode:4", clotho_root, tmp_path, workers=2)
     [res] = extract(FileHashEncoder(), "clotho", "train", clotho_root, tmp_path, workers=2, **RUN)
     assert res.resumed_at == 8
     same_split(open_split(tmp_path, "filehash", "clotho", "train"), reference)
@@ -162,9 +107,7 @@ def test_workers_and_batching_do_not_change_rows(clotho_root, reference, tmp_pat
 
 
 def test_resume_refuses_other_settings(clotho_root, tmp_path):
-    child = mp.get_context("fork").Process(target=_killed_run, args=("after-part:1", str(clotho_root), str(tmp_path)))
-    child.start()
-    child.join(60)
+    kill_at("after-part:1", clotho_root, tmp_path)
     with pytest.raises(ExtractError, match=r"different \['batch_size'\]"):
         extract(FileHashEncoder(), "clotho", "train", clotho_root, tmp_path, batch_size=2, commit_every=8,
                 progress=False)

@@ -426,8 +426,11 @@ def _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fail
         return
     preps = {m: encoder.preprocessor(m) for m in modalities}
     batches = [list(range(s, min(s + batch_size, len(records)))) for s in range(cursor, len(records), batch_size)]
+    # Workers are fresh interpreters (spawn): a fork after torch has started its thread pool can
+    # deadlock in the child's first tensor operation.
     loader = DataLoader(_Items(records, preps), batch_sampler=batches, collate_fn=_collate,
-                        num_workers=workers, prefetch_factor=4 if workers else None)
+                        num_workers=workers, prefetch_factor=4 if workers else None,
+                        multiprocessing_context="spawn" if workers else None)
     has_text = all(r.text is not None for r in records)
     dim = int(encoder.dim)
 
