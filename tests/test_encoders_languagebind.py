@@ -315,7 +315,7 @@ def test_v15_video_gives_each_frame_its_class_token():
         v15.embed_vision(torch.randn(1, 3, 224, 224))
 
 
-def test_v15_config_fields_and_refused_layouts():
+def test_v15_config_fields_and_refused_layouts(tmp_path):
     d = tiny_config("video", clip_type="vl_new").to_dict()
     assert LanguageBindConfig.from_dict(d).vision.per_frame_tokens
     assert round(sum(p.numel() for p in build_languagebind(large_config("video", "vl_new"), device="meta")
@@ -325,6 +325,12 @@ def test_v15_config_fields_and_refused_layouts():
     d["vision_config"]["tube_size"] = 2
     with pytest.raises(EncoderError, match="only tube_size 1 is supported"):
         LanguageBindConfig.from_dict(d)
+    folder = tmp_path / "LanguageBind_Video_V1.5_FT"
+    write_folder(folder, "video", cfg=tiny_config("video", clip_type="vl_new"))
+    (folder / "config.json").write_text(json.dumps(d))
+    with pytest.raises(EncoderError, match=r"LanguageBind_Video_V1.5_FT/config.json: vision_config.tube_size 2") as err:
+        check_checkpoint("languagebind", tmp_path)
+    assert "\n" not in str(err.value)
     d["vision_config"].update(tube_size=1, add_time_attn=False)
     with pytest.raises(EncoderError, match="without add_time_attn"):
         LanguageBindConfig.from_dict(d)

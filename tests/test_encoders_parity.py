@@ -261,8 +261,8 @@ def test_languagebind_v15_needs_per_frame_class_tokens(tmp_path):
     del d["vision_config"]["clip_type"]
     v1 = build_languagebind(LanguageBindConfig.from_dict(d))
     state, _ = prepare_state(read_folder_state(folder), read_config(folder))
-    state["vision_model.embeddings.class_embedding"] = state["vision_model.embeddings.class_embedding"][0]
-    state["vision_model.embeddings.patch_embedding.weight"] = state["vision_model.embeddings.patch_embedding.weight"][:, :, 0]
+    cls, conv = "vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight"
+    state[cls], state[conv] = state[cls][0], state[conv][:, :, 0]
     v1.load_state_dict(state, strict=True)
     x = torch.randn(2, 3, 8, 56, 56, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -275,7 +275,8 @@ def test_languagebind_v15_needs_per_frame_class_tokens(tmp_path):
 def _fuzz_texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     pools = [
-        ["dog", "Tom", "Jerry", "R&D", "café", "naïve", "東京", "Ünïcödé", "it's", "x2", "A", "DOG's", "3:45pm", "ﬁne"],
+        ["dog", "Tom", "Jerry", "R&D", "café", "naïve", "東京", "Ünïcödé", "it's", "x2", "A", "DOG's", "3:45pm",
+         "ﬁne"],
         ["&amp;", "&amp", "&lt;", "&gt;", "&lt", "&times", "&times;", "&copy", "&copy;", "&notes", "&#39;", "&#x27;",
          "&nbsp;", "&quot;", "&amp;amp;", "&eacute;", "&", ";"],
         ["<b>", "</b>", "<i>", "<br/>", "<", ">", "<p class='x'>"],

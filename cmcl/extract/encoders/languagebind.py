@@ -79,8 +79,14 @@ def tower_of_config(cfg: LanguageBindConfig, folder: Path) -> str:
 def read_config(folder: Path) -> LanguageBindConfig:
     path = folder / "config.json"
     try:
-        return LanguageBindConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
+        raise EncoderError(f"{path}: cannot read the LanguageBind config ({exc})") from None
+    try:
+        return LanguageBindConfig.from_dict(d)
+    except EncoderError as exc:
+        raise EncoderError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
         raise EncoderError(f"{path}: cannot read the LanguageBind config ({exc})") from None
 
 
