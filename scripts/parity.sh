@@ -9,7 +9,7 @@
 #   bash scripts/parity.sh                 # temporary venv, removed afterwards
 #   PARITY_VENV=/tmp/pv bash scripts/parity.sh   # build (or reuse) a venv kept at that path
 #
-# Takes about 3 minutes on a 2-core CPU, most of it installing torch and transformers.
+# Takes about 3.5 minutes on a 2-core CPU, most of it installing torch and transformers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
