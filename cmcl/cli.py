@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except CMCLError as exc:
             raise UserError(str(exc)) from None
+        except OSError as exc:  # the machine, not the input: a full disk, an unwritable folder
+            where = exc.filename or ""
+            raise UserError(f"{where}: {exc.strerror or exc}" if where else str(exc)) from None
     return wrapper
 
 
@@ -57,10 +61,14 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
@@ -118,7 +126,38 @@ def _split_list(text: str, what: str, cast=str) -> list:
     return values
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _seeds(text: str, what: str = "--seeds") -> list[int]:
+    seeds = _split_list(text, what, int)
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"{what}: seeds must be non-negative integers, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{what}: a seed is listed twice in {text!r}")
+    return seeds
+
+
+class _OneLineGroup(click.Group):
+    """Usage errors (a bad option value, a missing option, an unknown command) as one line, exit 2,
+    like every other user error, instead of click's usage block."""
+
+    @staticmethod
+    def _one_line(exc: click.UsageError) -> UserError:
+        where = exc.ctx.command_path if exc.ctx is not None else "cmcl"
+        return UserError(f"{where}: {exc.format_message()} (see {where} --help)")
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from None
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="cmcl")
 def cli() -> None:
     """Continual multimodal contrastive learning over frozen modality-binding encoders.
@@ -173,7 +212,7 @@ def cli() -> None:
               help="Re-check every shard under this cache root (and, with --data-root, ids against the readers).")
 @click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="synthetic: multiply the paper's split sizes.")
-@click.option("--seed", default=0, show_default=True, type=int, help="synthetic: generator seed.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="synthetic: generator seed.")
 @click.option("--dim", default=1024, show_default=True, type=click.IntRange(min=16),
               help="synthetic: embedding width (ImageBind and UniBind: 1024, LanguageBind: 768).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of keeping or resuming them.")
@@ -270,23 +309,30 @@ def _train(features: Path, backbone: str, strategies: list[str], seeds: list[int
     from cmcl.data.protocol import load_protocol
     from cmcl.train.config import TrainConfig, make_label
     from cmcl.train.strategies import resolve_params
-    from cmcl.train.trainer import train_run
+    from cmcl.train.trainer import plan_run, train_run
 
     if label and len(strategies) > 1:
         raise ConfigError("--label names one run series; use it with a single --strategy")
     proto = load_protocol(protocol)
     device = _device(device)
-    done = []
+    # Every run is validated (options, strategy parameters, protocol, feature files) before any is
+    # started, so a bad value never leaves a run folder behind.
+    plans, data = [], None
     for name in strategies:
         resolved = resolve_params(name, overrides[name], backbone)
         for seed in seeds:
             cfg = TrainConfig(features=str(features), backbone=backbone, strategy=name, params=resolved,
                               label=label or make_label(name, overrides[name]), seed=seed, protocol=protocol,
                               protocol_sha256=proto.sha256, device=device, **settings)
-            log.info("training %s seed %d on %s/%s (%d steps, device %s)", cfg.label, seed, features, backbone,
-                     len(proto), device)
-            done.append(train_run(cfg, runs, resume=resume, overwrite=overwrite, keep_states=keep_states,
-                                  progress=not quiet))
+            plans.append(plan_run(cfg, data))
+            data = plans[-1].data
+    done = []
+    for plan in plans:
+        cfg = plan.cfg
+        log.info("training %s seed %d on %s/%s (%d steps, device %s)", cfg.label, cfg.seed, features, backbone,
+                 len(proto), device)
+        done.append(train_run(plan, runs, resume=resume, overwrite=overwrite, keep_states=keep_states,
+                              progress=not quiet))
     return done
 
 
@@ -297,9 +343,11 @@ def train_options(fn):
                      help="Shipped protocol name or path to a protocol TOML file."),
         click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Epochs per step."),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=2)),
-        click.option("--lr", default=None, type=float, help="Learning rate [default: 1e-4; reference harness: 1e-3 for languagebind]."),
-        click.option("--weight-decay", default=1e-3, show_default=True, type=float),
-        click.option("--temperature", default=1.0, show_default=True, type=float, help="InfoNCE temperature."),
+        click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="Learning rate [default: 1e-4; reference harness: 1e-3 for languagebind]."),
+        click.option("--weight-decay", default=1e-3, show_default=True, type=click.FloatRange(min=0),
+                     help="AdamW decoupled weight decay."),
+        click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="InfoNCE temperature."),
         click.option("--loss", default="a2b", show_default=True, type=click.Choice(["a2b", "symmetric"]),
                      help="a2b: rows are the step's first modality (the authors'); symmetric: both directions."),
         click.option("--harness", default="paper", show_default=True, type=click.Choice(["paper", "reference"]),
@@ -346,7 +394,7 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     names = _expand([s for item in strategies for s in _split_list(item, "--strategy")])
-    _train(features, backbone, names, _split_list(seeds, "--seeds", int), runs, protocol,
+    _train(features, backbone, names, _seeds(seeds), runs, protocol,
            parse_params(params, names), label, resume, overwrite, device, quiet, keep_states, **settings)
 
 
@@ -465,7 +513,7 @@ def list_(what: str) -> None:
 @click.option("--scale", default=0.2, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Synthetic dataset size relative to the paper's.")
 @click.option("--dim", default=256, show_default=True, type=click.IntRange(min=64), help="Synthetic embedding width.")
-@click.option("--data-seed", default=0, show_default=True, type=int, help="Synthetic generator seed.")
+@click.option("--data-seed", default=0, show_default=True, type=click.IntRange(min=0), help="Synthetic generator seed.")
 @click.option("--strategy", "strategies", multiple=True, default=("vanilla", "dns"), show_default=True,
               help="Strategies to compare (repeatable, or 'all').")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds (trials).")
@@ -490,7 +538,7 @@ def reproduce(out: Path, scale: float, dim: int, data_seed: int, strategies: tup
     names = _expand([s for item in strategies for s in _split_list(item, "--strategy")])
     overrides = parse_params(params, names)
     for name in names:
-        for seed in _split_list(seeds, "--seeds", int):
+        for seed in _seeds(seeds):
             run = ckpt.run_dir(out / "runs", "synthetic", make_label(name, overrides[name]), seed)
             if (run / "results.csv").is_file():
                 log.info("%s: already complete", run)

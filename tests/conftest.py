@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
 
@@ -29,6 +32,18 @@ modalities = ["text", "audio"]
 dataset = "vggsound_s"
 modalities = ["audio", "video"]
 """
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs():
+    """Seed the global torch, numpy and random generators before every test.
+
+    Tests should draw from their own seeded generators; this makes any draw from a global one
+    (``torch.randn``, ``np.random.rand``) repeat the same numbers whatever the test order.
+    """
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cmcl.data.features import open_split
+from cmcl.data.readers import get_reader
 from cmcl.extract.encoders import load_encoder
 from cmcl.extract.engine import extract
 from tests import dataset_fixtures as fx
@@ -40,5 +41,13 @@ def test_engine_writes_a_valid_shard(backbone, dataset, data_root, tmp_path):
     for m, x in split.emb.items():
         assert x.shape == (len(split), enc.dim)
         assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4), m
+    # row i is the encoder's output for the record with id i, one item at a time (no batch effects,
+    # no row shifted by the failed record or the batching)
+    reader = get_reader(dataset, data_root, cache_dir=tmp_path / ".media")
+    records = {r.id: r for r in reader.records("train")}
+    for m, x in split.emb.items():
+        for i, rid in enumerate(split.ids):
+            want = enc.encode(m, [records[str(rid)].data[m]])[0]
+            np.testing.assert_allclose(x[i], want, atol=2e-5, err_msg=f"{m} row {i} ({rid})")
     if dataset == "esc50":  # classes get text prototypes from the same encoder
         assert split.class_emb.shape == (50, enc.dim)

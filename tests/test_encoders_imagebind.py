@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cmcl.data.features import FeatureShard
-from cmcl.errors import EncoderError
+from cmcl.errors import CacheError, EncoderError
 from cmcl.extract.encoders import (
     ENCODERS,
     check_checkpoint,
@@ -287,7 +287,11 @@ def test_extract_items_writes_a_valid_shard(tmp_path, media):
         names, protos = shard.classes()
         assert list(names) == ["cat", "dog"] and protos["text"].shape == (2, 32)
         assert np.allclose(shard.load("text")[0], enc.encode("text", ["hello dog 0"])[0], atol=1e-6)
-    with pytest.raises(Exception, match="already exists"):
+        for m in ("text", "audio", "vision"):       # every row is its own record's embedding
+            rows = shard.load(m)
+            for i, rec in enumerate(records):
+                np.testing.assert_allclose(rows[i], enc.encode(m, [rec[m]])[0], atol=2e-5, err_msg=f"{m} row {i}")
+    with pytest.raises(CacheError, match=r"test\.h5 already exists"):
         extract_items(enc, "toy", "test", records, tmp_path / "cache", modalities=("text",))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import h5py
 import numpy as np
 import pytest
 
@@ -16,17 +19,36 @@ def unit(n, seed=0):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("check_blocks", [False, True])
-def test_check_blocks_writes_the_same_file(tmp_path, check_blocks):
-    path = tmp_path / f"{check_blocks}.h5"
-    with FeatureWriter(path, META, check_blocks=check_blocks) as w:
-        w.append(["a", "b"], [0, 1], {"text": unit(2), "audio": unit(2, 1)})
-        w.append(["c"], [1], {"text": unit(1, 2), "audio": unit(1, 3)})
-    with FeatureShard(path) as sh:
-        assert sh.ids.tolist() == ["a", "b", "c"]
-        np.testing.assert_array_equal(sh.load("audio")[:2], unit(2, 1))
-        sh.check(embeddings=False)
-        sh.check()
+def h5_contents(path):
+    """Every dataset (as an array) and every attribute of an HDF5 file, by name."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["/attrs"] = {k: np.asarray(v).tolist() for k, v in f.attrs.items()}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_check_blocks_writes_the_same_file(tmp_path):
+    meta = dataclasses.replace(META, created_utc="2026-01-01T00:00:00Z")   # the only field that would differ
+    paths = {}
+    for check_blocks in (False, True):
+        paths[check_blocks] = tmp_path / f"{check_blocks}.h5"
+        with FeatureWriter(paths[check_blocks], meta, check_blocks=check_blocks) as w:
+            w.append(["a", "b"], [0, 1], {"text": unit(2), "audio": unit(2, 1)})
+            w.append(["c"], [1], {"text": unit(1, 2), "audio": unit(1, 3)})
+            w.set_classes(["x", "y"], {"text": unit(2, 4)})
+        with FeatureShard(paths[check_blocks]) as sh:
+            assert sh.ids.tolist() == ["a", "b", "c"]
+            np.testing.assert_array_equal(sh.load("audio"), np.concatenate([unit(2, 1), unit(1, 3)]))
+            sh.check(embeddings=False)
+            sh.check()
+    plain, checked = h5_contents(paths[False]), h5_contents(paths[True])
+    assert set(plain) == set(checked) and {"ids", "labels", "emb/text", "emb/audio", "classes/emb/text"} <= set(plain)
+    for name in plain:
+        if name == "/attrs":
+            assert plain[name] == checked[name]
+        else:
+            np.testing.assert_array_equal(plain[name], checked[name], err_msg=name)
 
 
 def test_check_blocks_rejects_bad_rows_at_append(tmp_path):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cmcl.data.paired import PairedFeatures
+from cmcl.errors import ConfigError
 from cmcl.train.config import Harness
 from cmcl.train.learners import ModalityLearners
 from cmcl.train.strategies import get_strategy
@@ -161,7 +162,7 @@ def test_online_accumulation_sums_decayed_fishers():
 
 
 def test_fisher_batch_of_one_is_refused():
-    with pytest.raises(Exception, match="fisher_batch"):
+    with pytest.raises(ConfigError, match=r"strategy 'ewc': fisher_batch must be >= 2 .*got 1"):
         get_strategy("ewc", fisher_batch=1)
 
 

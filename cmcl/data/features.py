@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from cmcl import __version__
+from cmcl.data import locks
 from cmcl.errors import CacheError
 from cmcl.types import check_modality_name
 
@@ -127,7 +128,8 @@ class FeatureWriter:
     Rows are appended in blocks to ``<path>.partial``; :meth:`close` validates the whole file
     (row counts, unique ids, finiteness, norms when ``meta.normalized``) and renames it into place
     with :func:`os.replace`. Used as a context manager, an exception inside the block removes the
-    partial file unless ``keep_partial=True`` (the resumable extraction engine keeps it).
+    partial file. The writer holds ``<path>.lock`` from start to end: a second process writing the
+    same shard fails at once (:class:`cmcl.data.locks.BusyError`).
 
     With ``check_blocks=True`` each block's embeddings are checked (finite, unit norm when
     ``meta.normalized``) as they are appended, while still in memory, and :meth:`close` checks
@@ -142,11 +144,10 @@ class FeatureWriter:
     """
 
     def __init__(self, path: str | os.PathLike, meta: ShardMeta, *, overwrite: bool = False,
-                 keep_partial: bool = False, check_blocks: bool = False) -> None:
+                 check_blocks: bool = False) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.meta = meta
-        self.keep_partial = keep_partial
         self.check_blocks = check_blocks
         if not meta.modalities:
             raise CacheError(f"{self.path}: a shard needs at least one modality")
@@ -162,7 +163,12 @@ class FeatureWriter:
         if self.path.exists() and not overwrite:
             raise CacheError(f"{self.path} already exists (pass overwrite=True / --overwrite to replace it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._h5 = h5py.File(self.partial, "w")
+        locks.acquire(self.path, "feature file")
+        try:
+            self._h5 = h5py.File(self.partial, "w")
+        except BaseException:
+            locks.release(self.path)
+            raise
         self._n = 0
         self._closed = False
         self._write_attrs()
@@ -254,13 +260,15 @@ class FeatureWriter:
             eg.create_dataset(m, data=x)
 
     def abort(self) -> None:
-        """Close and delete the partial file (unless ``keep_partial``)."""
+        """Close and delete the partial file."""
         if self._closed:
             return
         self._closed = True
-        self._h5.close()
-        if not self.keep_partial:
+        try:
+            self._h5.close()
+        finally:
             self.partial.unlink(missing_ok=True)
+            locks.release(self.path)
 
     def close(self) -> Path:
         """Validate, flush and move the shard into place; returns the final path."""
@@ -269,17 +277,19 @@ class FeatureWriter:
         if self._n == 0:
             self.abort()
             raise CacheError(f"{self.path}: refusing to write an empty split (no rows were appended)")
-        self._h5.flush()
-        self._h5.close()
-        self._closed = True
         try:
+            self._h5.flush()
+            self._h5.close()
+            self._closed = True
             with FeatureShard(self.partial) as shard:
                 shard.check(embeddings=not self.check_blocks)
-        except CacheError:
-            if not self.keep_partial:
-                self.partial.unlink(missing_ok=True)
+            os.replace(self.partial, self.path)
+        except BaseException:
+            self._closed = True
+            self.partial.unlink(missing_ok=True)
             raise
-        os.replace(self.partial, self.path)
+        finally:
+            locks.release(self.path)
         return self.path
 
     def __enter__(self) -> "FeatureWriter":

@@ -134,6 +134,10 @@ def parse_protocol(raw: bytes, source: str) -> Protocol:
     datasets = doc.get("datasets", {})
     if not isinstance(datasets, dict):
         raise ProtocolError(f"{source}: [datasets] must be a table")
+    for dataset, entry in datasets.items():
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"{source}: [datasets] {dataset} must be a table like "
+                                f"{dataset} = {{ metrics = [\"recall\"] }}")
     steps_raw = doc.get("step")
     if not isinstance(steps_raw, list) or not steps_raw:
         raise ProtocolError(f"{source}: no [[step]] entries")
@@ -159,7 +163,8 @@ def parse_protocol(raw: bytes, source: str) -> Protocol:
             except ValueError as exc:
                 raise ProtocolError(f"{where}: {exc}") from None
         metrics = entry.get("metrics", datasets.get(dataset, {}).get("metrics", ["recall"]))
-        if not isinstance(metrics, list) or not set(metrics) <= set(METRIC_KINDS) or not metrics:
+        if (not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics)
+                or not set(metrics) <= set(METRIC_KINDS)):
             raise ProtocolError(f"{where}: metrics must be a non-empty subset of {list(METRIC_KINDS)}, got {metrics!r}")
         steps.append(Step(i, dataset, (mods[0], mods[1]), tuple(metrics)))
     name = doc.get("name", Path(source).stem)

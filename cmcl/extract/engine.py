@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cmcl import __version__
 from cmcl.data.catalog import DATASETS
+from cmcl.data import locks
 from cmcl.data.features import FeatureShard, FeatureWriter, ShardMeta, parse_shard_name, shard_path
 from cmcl.data.readers import DatasetReader, Record, fingerprint, get_reader
 from cmcl.errors import CacheError, ExtractError
@@ -338,70 +339,72 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
         "batch_size": batch_size, "commit_every": commit_every, "modalities": list(modalities),
     }
 
-    if overwrite:
-        shutil.rmtree(parts_dir, ignore_errors=True)
-        for p in (path, fails_path, path.with_name(path.name + ".partial")):
-            p.unlink(missing_ok=True)
-        _remove_other_forms(out, encoder.name, dataset, split, path)
-    else:
-        _check_other_forms(out, encoder.name, dataset, split, path)
-        if path.exists():
-            if parts_dir.is_dir():  # killed after the shard was moved into place: finish the clean-up
-                _check_identity(parts_dir / "run.json", identity)
-                failures = [f for p in _committed(parts_dir) for f in _read_part(p, ())["failures"]]
-                _write_failures(fails_path, failures)
-                shutil.rmtree(parts_dir)
-                res = _existing(path, fails_path, dataset, split, fp, len(records))
-                res.status, res.resumed_at = "resumed", len(records)
-                return res
-            return _existing(path, fails_path, dataset, split, fp, len(records))
-    if not records:
-        raise ExtractError(f"{dataset}/{split}: no records for shard {shard} of {num_shards} "
-                           f"({len(all_records)} in the split); use fewer shards")
+    # one writer per shard: a second process extracting the same split fails at once
+    with locks.exclusive(path, "feature file"):
+        if overwrite:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            for p in (path, fails_path, path.with_name(path.name + ".partial")):
+                p.unlink(missing_ok=True)
+            _remove_other_forms(out, encoder.name, dataset, split, path)
+        else:
+            _check_other_forms(out, encoder.name, dataset, split, path)
+            if path.exists():
+                if parts_dir.is_dir():  # killed after the shard was moved into place: finish the clean-up
+                    _check_identity(parts_dir / "run.json", identity)
+                    failures = [f for p in _committed(parts_dir) for f in _read_part(p, ())["failures"]]
+                    _write_failures(fails_path, failures)
+                    shutil.rmtree(parts_dir)
+                    res = _existing(path, fails_path, dataset, split, fp, len(records))
+                    res.status, res.resumed_at = "resumed", len(records)
+                    return res
+                return _existing(path, fails_path, dataset, split, fp, len(records))
+        if not records:
+            raise ExtractError(f"{dataset}/{split}: no records for shard {shard} of {num_shards} "
+                               f"({len(all_records)} in the split); use fewer shards")
 
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    run_file = parts_dir / "run.json"
-    if run_file.exists():
-        created = _check_identity(run_file, identity)
-    else:
-        created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        tmp = run_file.with_name("run.json.tmp")
-        tmp.write_text(json.dumps({**identity, "created_utc": created}, indent=1), encoding="utf-8")
-        os.replace(tmp, run_file)
-    for stale in parts_dir.glob("*.tmp.npz"):
-        stale.unlink()
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        run_file = parts_dir / "run.json"
+        if run_file.exists():
+            created = _check_identity(run_file, identity)
+        else:
+            created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            tmp = run_file.with_name("run.json.tmp")
+            tmp.write_text(json.dumps({**identity, "created_utc": created}, indent=1), encoding="utf-8")
+            os.replace(tmp, run_file)
+        for stale in parts_dir.glob("*.tmp.npz"):
+            stale.unlink()
 
-    parts = _committed(parts_dir)
-    cursor = _part_end(parts[-1]) if parts else 0
-    failures: list[Failure] = []
-    for p in parts:
-        failures += _read_part(p, ())["failures"]
-    resumed_at = cursor
-    if cursor:
-        log.info("%s/%s: resuming at record %d of %d", dataset, split, cursor, len(records))
+        parts = _committed(parts_dir)
+        cursor = _part_end(parts[-1]) if parts else 0
+        failures: list[Failure] = []
+        for p in parts:
+            failures += _read_part(p, ())["failures"]
+        resumed_at = cursor
+        if cursor:
+            log.info("%s/%s: resuming at record %d of %d", dataset, split, cursor, len(records))
 
-    reader.prepare(records[cursor:])
-    _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fails_path,
-                 batch_size=batch_size, commit_every=commit_every, workers=workers,
-                 max_failures=max_failures, progress=progress, desc=f"{dataset}/{split}"
-                 + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""), tqdm=tqdm,
-                 position=shard if num_shards > 1 else None)
+        reader.prepare(records[cursor:])
+        _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fails_path,
+                     batch_size=batch_size, commit_every=commit_every, workers=workers,
+                     max_failures=max_failures, progress=progress, desc=f"{dataset}/{split}"
+                     + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""), tqdm=tqdm,
+                     position=shard if num_shards > 1 else None)
 
-    extra = {k: _json_attr(v) for k, v in encoder.attributes().items()}
-    n_failed = len({f.id for f in failures})
-    extra.update({"records_fingerprint": fp, "expected_records": len(records), "failures": n_failed,
-                  "shard": shard, "num_shards": num_shards, "limit": -1 if limit is None else int(limit),
-                  "reader_layout": reader.layout, "records_offset": lo})
-    meta = ShardMeta(backbone=encoder.name, dataset=dataset, split=split, dim=int(encoder.dim),
-                     modalities=modalities, normalized=True, checkpoint=encoder.checkpoint,
-                     cmcl_version=__version__, created_utc=created, extra=extra)
-    _write_failures(fails_path, failures)
-    rows = _assemble(path, meta, parts_dir, modalities, encoder, reader, batch_size)
-    shutil.rmtree(parts_dir)
-    if failures:
-        log.warning("%s/%s: %d input(s) failed and were left out; see %s", dataset, split, n_failed, fails_path)
-    return ExtractResult(dataset, split, path, rows, len(records), failures, fails_path,
-                         "resumed" if resumed_at else "written", resumed_at)
+        extra = {k: _json_attr(v) for k, v in encoder.attributes().items()}
+        n_failed = len({f.id for f in failures})
+        extra.update({"records_fingerprint": fp, "expected_records": len(records), "failures": n_failed,
+                      "shard": shard, "num_shards": num_shards, "limit": -1 if limit is None else int(limit),
+                      "reader_layout": reader.layout, "records_offset": lo})
+        meta = ShardMeta(backbone=encoder.name, dataset=dataset, split=split, dim=int(encoder.dim),
+                         modalities=modalities, normalized=True, checkpoint=encoder.checkpoint,
+                         cmcl_version=__version__, created_utc=created, extra=extra)
+        _write_failures(fails_path, failures)
+        rows = _assemble(path, meta, parts_dir, modalities, encoder, reader, batch_size)
+        shutil.rmtree(parts_dir)
+        if failures:
+            log.warning("%s/%s: %d input(s) failed and were left out; see %s", dataset, split, n_failed, fails_path)
+        return ExtractResult(dataset, split, path, rows, len(records), failures, fails_path,
+                             "resumed" if resumed_at else "written", resumed_at)
 
 
 def _check_identity(run_file: Path, identity: Mapping[str, Any]) -> str:

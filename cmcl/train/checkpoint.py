@@ -54,11 +54,25 @@ def finished_steps(run: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in run.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name)))
 
 
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``; on any failure (a full disk, say) no file is left."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    """Write a CSV atomically."""
+    _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def read_json(path: Path) -> Any:
@@ -78,20 +92,24 @@ def write_step(run: Path, index: int, *, learners: ModalityLearners | None, stra
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if learners is not None:
-        state = {k: v.detach().cpu().contiguous() for k, v in learners.state_dict().items()}
-        save_file(state, str(tmp / "learners.safetensors"))
-    if strategy_state is not None:
-        torch.save(strategy_state, tmp / "strategy.pt")
-    pd.DataFrame(eval_rows, columns=EVAL_COLUMNS).to_csv(tmp / "eval.csv", index=False)
-    if losses is not None:
-        losses.to_csv(tmp / "losses.csv", index=False)
-    if metrics is not None:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        if learners is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in learners.state_dict().items()}
+            save_file(state, str(tmp / "learners.safetensors"))
+        if strategy_state is not None:
+            torch.save(strategy_state, tmp / "strategy.pt")
+        pd.DataFrame(eval_rows, columns=EVAL_COLUMNS).to_csv(tmp / "eval.csv", index=False)
+        if losses is not None:
+            losses.to_csv(tmp / "losses.csv", index=False)
+        if metrics is not None:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # a full disk, say: no half-written step is left, the previous steps stay usable
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

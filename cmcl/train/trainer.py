@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmcl import __version__
+from cmcl.data import locks
 from cmcl.data.features import FeatureShard, split_files
 from cmcl.data.paired import PairedFeatures, StepData, iter_batches
 from cmcl.data.protocol import Protocol, load_protocol
@@ -146,7 +147,11 @@ def _git_sha() -> str:
 
 
 def feature_fingerprint(cfg: TrainConfig, protocol: Protocol) -> dict[str, Any]:
-    """Which feature files (and their creation stamps) a run was trained on."""
+    """Which feature files a run was trained on: name, creation stamp, rows, size and modification time.
+
+    The size and modification time catch a file edited in place; a copied cache keeps its
+    fingerprint when the copy keeps modification times (``cp -a``, ``rsync -a``).
+    """
     out = {}
     for dataset in protocol.datasets:
         for split in ("train", "test"):
@@ -154,7 +159,8 @@ def feature_fingerprint(cfg: TrainConfig, protocol: Protocol) -> dict[str, Any]:
             stamps = []
             for f in files:
                 with FeatureShard(f) as shard:
-                    stamps.append(f"{f.name}@{shard.meta.created_utc}:{len(shard)}")
+                    st = f.stat()
+                    stamps.append(f"{f.name}@{shard.meta.created_utc}:{len(shard)}:{st.st_size}:{st.st_mtime_ns}")
             out[f"{dataset}/{split}"] = stamps
     return out
 
@@ -169,57 +175,105 @@ def _random_weight_warning(cfg: TrainConfig, protocol: Protocol) -> None:
                 return
 
 
-def train_run(cfg: TrainConfig, runs: str | Path, *, resume: bool = False, overwrite: bool = False,
-              keep_states: str = "last", progress: bool = False) -> Path:
-    """Run the whole protocol for one strategy and seed; returns the run directory.
+@dataclass
+class RunPlan:
+    """A configuration checked against everything it needs, before anything is written.
 
-    Args:
-        cfg: the resolved configuration.
-        runs: root of run directories.
-        resume: continue a run from its last finished step (its config must match).
-        overwrite: delete an existing run directory first.
-        keep_states: ``"last"`` keeps the strategy state of the last finished step only (enough to
-            resume or append steps); ``"all"`` keeps every step's.
-        progress: show progress bars.
+    Built by :func:`plan_run`: the protocol, the feature files (every split the protocol reads is
+    opened and validated), and the strategy with its parameters. ``data`` may be shared by the plans
+    of one sweep (same cache, backbone and protocol), so the features are validated and loaded once.
     """
+
+    cfg: TrainConfig
+    protocol: Protocol
+    data: StepData
+    fingerprint: dict[str, Any]
+
+
+def plan_run(cfg: TrainConfig, data: StepData | None = None) -> RunPlan:
+    """Validate ``cfg`` (protocol, feature files, strategy parameters, harness) without writing anything."""
     protocol = load_protocol(cfg.protocol)
     if cfg.protocol_sha256 and cfg.protocol_sha256 != protocol.sha256:
         raise RunError(f"protocol {cfg.protocol} changed since the config was made")
-    run = ckpt.run_dir(runs, cfg.backbone, cfg.label or cfg.strategy, cfg.seed)
-    data = StepData(cfg.features, cfg.backbone, protocol)
-    fingerprint = feature_fingerprint(cfg, protocol)
-    header = {"config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "features": fingerprint,
-              "protocol": {"name": protocol.name, "source": protocol.source, "sha256": protocol.sha256,
-                           "steps": [s.key for s in protocol.steps]},
-              "cmcl_version": __version__, "git_sha": _git_sha(), "torch": torch.__version__,
-              "python": platform.python_version()}
+    get_strategy(cfg.strategy, backbone=None, **cfg.params)  # parameter ranges: raises ConfigError
+    cfg.resolved_harness()
+    if data is None or (data.root, data.backbone, data.protocol.sha256) != (Path(cfg.features), cfg.backbone,
+                                                                            protocol.sha256):
+        data = StepData(cfg.features, cfg.backbone, protocol)
+    data.check()
+    return RunPlan(cfg, protocol, data, feature_fingerprint(cfg, protocol))
+
+
+def _prepare_folder(plan: RunPlan, run: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make ``run`` ready to train into (the caller holds its lock); refuse what would lose work."""
+    cfg = plan.cfg
     config_path = run / "config.json"
     if run.exists() and overwrite:
         shutil.rmtree(run)
     if config_path.exists():
-        if not resume:
+        trained = [i for i in ckpt.finished_steps(run) if i >= 1]
+        if not trained:  # a run that never finished a step (a failed start): a plain retry restarts it
+            log.info("%s: no finished step; starting it afresh", run)
+            shutil.rmtree(run)
+        elif not resume:
             raise RunError(f"{run} already exists; pass --resume to continue it or --overwrite to start over")
-        old = ckpt.read_json(config_path)
-        old_cfg = dict(old.get("config", {}))
-        old_cfg.pop("device", None)
-        diff = sorted(k for k in set(old_cfg) | set(cfg.identity())
-                      if old_cfg.get(k) != cfg.identity().get(k))
-        if diff:
-            raise RunError(f"{run}: --resume with a different configuration (differs in {', '.join(diff)}); "
-                           f"use another --runs folder or --overwrite")
-        if old.get("features") != fingerprint:
-            raise RunError(f"{run}: --resume but the feature files changed since the run started")
+        else:
+            old = ckpt.read_json(config_path)
+            old_cfg = dict(old.get("config", {}))
+            old_cfg.pop("device", None)
+            diff = sorted(k for k in set(old_cfg) | set(cfg.identity())
+                          if old_cfg.get(k) != cfg.identity().get(k))
+            if diff:
+                raise RunError(f"{run}: --resume with a different configuration (differs in {', '.join(diff)}); "
+                               f"use another --runs folder or --overwrite")
+            before = old.get("features") or {}
+            changed = sorted(k for k in set(before) | set(plan.fingerprint) if before.get(k) != plan.fingerprint.get(k))
+            if changed:
+                raise RunError(f"{run}: --resume but the feature files changed since the run started "
+                               f"({', '.join(changed)} under {cfg.features}/{cfg.backbone})")
     elif run.exists() and any(run.iterdir()):
         raise RunError(f"{run} exists but has no config.json; remove it or pass --overwrite")
     run.mkdir(parents=True, exist_ok=True)
     for tmp in run.glob("*.tmp"):  # leftovers of a step that was killed while being written
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     if not config_path.exists():
-        ckpt.write_json(config_path, header)
+        protocol = plan.protocol
+        ckpt.write_json(config_path, {
+            "config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "features": plan.fingerprint,
+            "protocol": {"name": protocol.name, "source": protocol.source, "sha256": protocol.sha256,
+                         "steps": [s.key for s in protocol.steps]},
+            "cmcl_version": __version__, "git_sha": _git_sha(), "torch": torch.__version__,
+            "python": platform.python_version()})
 
+
+def train_run(cfg: TrainConfig | RunPlan, runs: str | Path, *, resume: bool = False, overwrite: bool = False,
+              keep_states: str = "last", progress: bool = False) -> Path:
+    """Run the whole protocol for one strategy and seed; returns the run directory.
+
+    Everything is validated (:func:`plan_run`) before the run folder is touched, and the folder is
+    locked while the run writes it: a second process on the same run fails at once.
+
+    Args:
+        cfg: the resolved configuration, or a plan made from it by :func:`plan_run`.
+        runs: root of run directories.
+        resume: continue a run from its last finished step (its config must match). A run folder
+            with no finished step is restarted without it.
+        overwrite: delete an existing run directory first.
+        keep_states: ``"last"`` keeps the strategy state of the last finished step only (enough to
+            resume or append steps); ``"all"`` keeps every step's.
+        progress: show progress bars.
+    """
+    plan = cfg if isinstance(cfg, RunPlan) else plan_run(cfg)
+    run = ckpt.run_dir(runs, plan.cfg.backbone, plan.cfg.label or plan.cfg.strategy, plan.cfg.seed)
+    with locks.exclusive(run, "run folder"):
+        _prepare_folder(plan, run, resume=resume, overwrite=overwrite)
+        return _train_locked(plan, run, keep_states=keep_states, progress=progress)
+
+
+def _train_locked(plan: RunPlan, run: Path, *, keep_states: str, progress: bool) -> Path:
+    cfg, protocol, data = plan.cfg, plan.protocol, plan.data
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    data.check()
     _random_weight_warning(cfg, protocol)
     test_sets = data.test_sets()
     learners = ModalityLearners(protocol.modalities, data.dim).to(device)
@@ -257,13 +311,13 @@ def train_run(cfg: TrainConfig, runs: str | Path, *, resume: bool = False, overw
         if keep_states == "last":
             (ckpt.step_dir(run, step.index - 1) / "strategy.pt").unlink(missing_ok=True)
         log.info("%s step %d/%d %s: %.1fs, loss %.4f", cfg.label or cfg.strategy, step.index, len(protocol),
-                 step.key, result.seconds, metrics["mean_losses"].get("contrastive_loss", float("nan")))
+                 step.key, result.seconds, sum(metrics["mean_losses"].values()))
         del train
     frame = ckpt.read_eval(run)
     frame.insert(0, "seed", cfg.seed)
     frame.insert(0, "strategy", cfg.label or cfg.strategy)
     frame.insert(0, "backbone", cfg.backbone)
     frame.insert(0, "run", str(run))
-    frame.to_csv(run / "results.csv", index=False)
+    ckpt.write_csv(run / "results.csv", frame)
     ckpt.write_json(run / "summary.json", summarize_run(ckpt.read_eval(run), len(protocol)))
     return run

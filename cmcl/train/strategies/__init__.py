@@ -7,6 +7,7 @@ subclass and listing it here; the trainer is never edited.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Mapping
 
 from cmcl.errors import ConfigError
@@ -103,6 +104,8 @@ def _typed(strategy: str, key: str, default: Any, value: Any) -> Any:
             raise fail("a number")
         if isinstance(default, int) and not isinstance(value, int):
             raise fail("an integer")
+        if not math.isfinite(value):
+            raise fail("a finite number")
         return float(value) if isinstance(default, float) else value
     if isinstance(default, str) and not isinstance(value, str):
         raise fail("a string")

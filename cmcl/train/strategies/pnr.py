@@ -123,8 +123,10 @@ class PNR(Strategy):
             raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
         if reg_sim not in REG_SIMILARITIES:
             raise ValueError(f"reg_sim must be one of {', '.join(REG_SIMILARITIES)}, got {reg_sim!r}")
-        if reg_weight < 0 or reg_temperature <= 0 or predictor_hidden < 1 or predictor_lr < 0:
-            raise ValueError("need reg_weight >= 0, reg_temperature > 0, predictor_hidden >= 1, predictor_lr >= 0")
+        if (reg_weight < 0 or reg_temperature <= 0 or predictor_hidden < 1 or predictor_lr < 0
+                or predictor_weight_decay < 0):
+            raise ValueError("need reg_weight >= 0, reg_temperature > 0, predictor_hidden >= 1, predictor_lr >= 0, "
+                             "predictor_weight_decay >= 0")
         self.reg_weight = float(reg_weight)
         self.reg_temperature = float(reg_temperature)
         self.predictor = predictor

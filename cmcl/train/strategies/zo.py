@@ -87,8 +87,10 @@ class ZO(Strategy):
             raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if lr_zo < 0 or eps <= 0 or eps_vision <= 0 or queries < 1 or auto_draws < 2 or auto_batches < 1:
-            raise ValueError("need lr_zo >= 0, eps > 0, eps_vision > 0, queries >= 1, auto_draws >= 2, auto_batches >= 1")
+        if (lr_zo < 0 or eps <= 0 or eps_vision <= 0 or queries < 1 or auto_draws < 2 or auto_batches < 1
+                or weight_decay_zo < 0):
+            raise ValueError("need lr_zo >= 0, eps > 0, eps_vision > 0, queries >= 1, auto_draws >= 2, auto_batches >= 1, "
+                             "weight_decay_zo >= 0")
         self.lr_zo = float(lr_zo)
         self.eps = float(eps)
         self.eps_vision = float(eps_vision)
