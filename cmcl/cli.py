@@ -32,6 +32,17 @@ class UserError(click.ClickException):
         click.echo(f"cmcl: error: {self.format_message()}", err=True)
 
 
+class _SweepError(click.ClickException):
+    """Some runs of a sweep failed (listed); exit status 2 (the user's) or 1 (a bug)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"cmcl: error: {self.format_message()}", err=True)
+
+
 def user_errors(fn):
     """Turn :class:`CMCLError` into a one-line message without a traceback."""
     @functools.wraps(fn)
@@ -95,6 +106,35 @@ def parse_params(items: tuple[str, ...], strategies: list[str]) -> dict[str, dic
                               + "; ".join(f"{s}: {', '.join(p) or 'none'}" for s, p in accepted.items()))
         for s in targets:
             out[s][key] = parse_value(value)
+    return out
+
+
+def parse_grid(items: tuple[str, ...], strategies: list[str],
+               fixed: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, list[Any]]]:
+    """Split ``--grid key=v1,v2`` / ``--grid strategy.key=v1,v2`` into per-strategy value lists.
+
+    Scoped like ``-p`` (same parser, same checks): an unscoped key applies to every selected
+    strategy that accepts it. A key given twice, a repeated value, or a key also fixed by ``-p`` is
+    an error.
+    """
+    out: dict[str, dict[str, list[Any]]] = {s: {} for s in strategies}
+    for item in items:
+        try:
+            scope, key, text = split_assignment(item)
+        except ValueError:
+            raise ConfigError(f"--grid {item!r}: expected key=v1,v2,... (or strategy.key=v1,v2,...)") from None
+        values = [parse_value(v) for v in _split_list(text, f"--grid {item!r}")]
+        if len({repr(v) for v in values}) != len(values):
+            raise ConfigError(f"--grid {item!r}: a value is listed twice")
+        # the -p checks (scope selected, parameter known), on one value
+        targets = [s for s, p in parse_params((f"{scope}.{key}={text.split(',')[0]}" if scope else
+                                                f"{key}={text.split(',')[0]}",), strategies).items() if p]
+        for s in targets:
+            if key in out[s]:
+                raise ConfigError(f"--grid {item!r}: {s}.{key} is already on the grid")
+            if fixed and key in fixed.get(s, {}):
+                raise ConfigError(f"--grid {item!r}: {s}.{key} is also fixed with -p")
+            out[s][key] = values
     return out
 
 
@@ -347,11 +387,19 @@ def train_options(fn):
 @click.option("--label", default=None, help="Run label in Table 2 [default: strategy name, plus any -p overrides].")
 @click.option("--resume", is_flag=True, help="Continue existing runs from their last finished step.")
 @click.option("--overwrite", is_flag=True, help="Delete existing runs first.")
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
+              help="Strategy hyperparameter grid, repeatable, scoped like -p (e.g. --grid dns.lambda_min=0,0.1,0.01,0.001): "
+                   "one run series per combination, labelled by its values.")
+@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train the runs in N worker processes; a failed run does not stop the others.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="Torch threads per run [default: the cores divided between the jobs]. CPU numbers depend on it: "
+                   "--jobs N --threads T equals --jobs 1 --threads T bit for bit.")
 @train_options
 @user_errors
 def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str, runs: Path, label: str | None,
-          resume: bool, overwrite: bool, protocol: str, params: tuple[str, ...], device: str, quiet: bool,
-          keep_states: str, **settings: Any) -> None:
+          resume: bool, overwrite: bool, grid: tuple[str, ...], jobs: int, threads: int | None, protocol: str,
+          params: tuple[str, ...], device: str, quiet: bool, keep_states: str, **settings: Any) -> None:
     """Train one linear learner per modality over a protocol, step after step.
 
     Each step writes a checkpoint (learners, strategy state) and one row of the evaluation
@@ -362,10 +410,16 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
         raise ConfigError("--resume and --overwrite exclude each other")
     names = _expand([s for item in strategies for s in _split_list(item, "--strategy")])
     from cmcl.pipeline import train_runs
+    from cmcl.sweep import SweepFailed
 
-    train_runs(features, backbone, names, _seeds(seeds), runs, protocol, parse_params(params, names), label=label,
-               resume=resume, overwrite=overwrite, device=_device(device), progress=not quiet,
-               keep_states=keep_states, **settings)
+    fixed = parse_params(params, names)
+    try:
+        train_runs(features, backbone, names, _seeds(seeds), runs, protocol, fixed, label=label, resume=resume,
+                   overwrite=overwrite, device=_device(device), progress=not quiet and jobs == 1,
+                   keep_states=keep_states, grid=parse_grid(grid, names, fixed), jobs=jobs, threads=threads,
+                   **settings)
+    except SweepFailed as exc:
+        raise _SweepError(str(exc), exc.exit_code) from None
 
 
 # ------------------------------------------------------------------------------------- evaluate

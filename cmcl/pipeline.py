@@ -74,35 +74,69 @@ def write_summary(run: Path) -> dict[str, float]:
 def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: Sequence[int], runs: Path,
                protocol: str, overrides: dict[str, dict[str, Any]], *, label: str | None = None,
                resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = False,
-               keep_states: str = "last", **settings: Any) -> list[Path]:
-    """Train the strategy x seed runs of a sweep; returns their folders.
+               keep_states: str = "last", grid: dict[str, dict[str, list[Any]]] | None = None, jobs: int = 1,
+               threads: int | None = None, **settings: Any) -> list[Path]:
+    """Train the strategy x grid x seed runs of a sweep; returns their folders.
 
     Every run is validated (options, strategy parameters, protocol, feature files) before any is
-    started, so a bad value never leaves a run folder behind.
+    started, so a bad value never leaves a run folder behind. ``grid`` maps a strategy to
+    ``{parameter: [values]}``: one run series per combination, labelled by its values (with the
+    ``overrides``). Runs are trained in ``jobs`` processes (:func:`cmcl.sweep.run_sweep`), each with
+    ``threads`` torch threads; a run that fails does not stop the others: the sweep ends with
+    :class:`cmcl.sweep.SweepFailed` listing them (a sweep of one run raises its own error).
     """
-    if label and len(strategies) > 1:
-        raise ConfigError("--label names one run series; use it with a single --strategy")
+    from cmcl.sweep import SweepFailed, expand_grid, run_sweep
+
+    combos = {name: expand_grid((grid or {}).get(name, {})) for name in strategies}
+    if label and sum(len(c) for c in combos.values()) > 1:
+        raise ConfigError("--label names one run series; use it with a single --strategy and no --grid")
     proto = load_protocol(protocol)
     plans: list[RunPlan] = []
     data: StepData | None = None
     for name in strategies:
-        resolved = resolve_params(name, overrides.get(name, {}), backbone)
-        for seed in seeds:
-            cfg = TrainConfig(features=str(features), backbone=backbone, strategy=name, params=resolved,
-                              label=label or make_label(name, overrides.get(name, {})), seed=seed,
-                              protocol=protocol, protocol_sha256=proto.sha256, device=device, **settings)
-            plans.append(plan_run(cfg, data))
-            data = plans[-1].data
-    done = []
-    for plan in plans:
-        cfg = plan.cfg
+        for combo in combos[name]:
+            chosen = {**overrides.get(name, {}), **combo}
+            resolved = resolve_params(name, chosen, backbone)
+            for seed in seeds:
+                cfg = TrainConfig(features=str(features), backbone=backbone, strategy=name, params=resolved,
+                                  label=label or make_label(name, chosen), seed=seed, protocol=protocol,
+                                  protocol_sha256=proto.sha256, device=device, **settings)
+                plans.append(plan_run(cfg, data))
+                data = plans[-1].data
+    by_cfg = {id(p.cfg): p for p in plans}
+    options = {"runs": runs, "resume": resume, "overwrite": overwrite, "keep_states": keep_states}
+
+    def train(cfg: TrainConfig) -> tuple[Path, dict[str, float]]:
         log.info("training %s seed %d on %s/%s (%d steps, device %s)", cfg.label, cfg.seed, features, backbone,
                  len(proto), device)
+        plan = by_cfg[id(cfg)]
         run = train_run(plan, runs, score=step_scorer(plan), resume=resume, overwrite=overwrite,
                         keep_states=keep_states, progress=progress)
-        write_summary(run)
-        done.append(run)
-    return done
+        return run, write_summary(run)
+
+    outcomes = run_sweep([p.cfg for p in plans], train, jobs=jobs, threads=threads,
+                         worker_train="cmcl.pipeline:train_config", worker_options=options)
+    failed = [o for o in outcomes if not o.ok]
+    if failed and len(outcomes) == 1 and failed[0].exc is not None:
+        raise failed[0].exc  # one run: its own error, as before
+    if failed:
+        raise SweepFailed(failed, len(outcomes))
+    return [o.run for o in outcomes]
+
+
+_DATA_CACHE: dict[tuple[str, str, str], StepData] = {}
+
+
+def train_config(cfg: TrainConfig, *, runs: Path, resume: bool = False, overwrite: bool = False,
+                 keep_states: str = "last") -> tuple[Path, dict[str, float]]:
+    """Validate and train one configuration in a worker process (features loaded once per worker)."""
+    key = (cfg.features, cfg.backbone, cfg.protocol_sha256)
+    plan = plan_run(cfg, _DATA_CACHE.get(key))
+    _DATA_CACHE.clear()
+    _DATA_CACHE[key] = plan.data
+    run = train_run(plan, runs, score=step_scorer(plan), resume=resume, overwrite=overwrite,
+                    keep_states=keep_states, progress=False)
+    return run, write_summary(run)
 
 
 def rescore_run(run: Path, settings: EvalSettings, device: str = "cpu", features: str | None = None) -> pd.DataFrame:

@@ -3,7 +3,8 @@
 Rows are long-format records ``(trained_through, eval_step, dataset, pair, direction, metric,
 value)`` with values in percent. Recall@{1,5,10} is reported for ``a2b``, ``b2a`` and their
 ``mean``; zero-shot accuracy (direction ``zero-shot``) matches the non-text side to the class-name
-prototypes, both through the same map.
+prototypes, both through the same map; ``align`` is the mean inner product of the paired outputs
+(the paper's alignment score, for the stability figure).
 
 The scorer knows nothing of training: it is given ``embed(modality, x) -> outputs`` (the learners,
 wrapped by the application) and, optionally, which modalities changed since its last call. A test
@@ -71,6 +72,10 @@ def _score_one(embed: Embed, ts: TestSet, settings: EvalSettings) -> list[dict]:
         query = ua if b == "text" else vb  # the non-text side
         acc = zero_shot_accuracy(query, embed("text", ts.class_emb), ts.labels, use_gpu=settings.use_gpu)
         rows.append(base | {"direction": "zero-shot", "metric": "acc", "value": 100.0 * acc})
+    # The paper's alignment score A (Definition 1): the inner product of each test pair's outputs,
+    # averaged over the split (raw, not a percentage); Fig. 3a compares it across steps.
+    align = float(np.einsum("ij,ij->i", ua.astype(np.float64), vb.astype(np.float64)).mean())
+    rows.append(base | {"direction": "mean", "metric": "align", "value": align})
     return rows
 
 

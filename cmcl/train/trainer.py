@@ -30,7 +30,7 @@ from cmcl.data.paired import PairedFeatures, StepData, iter_batches
 from cmcl.data.protocol import Protocol, load_protocol
 from cmcl.errors import RunError
 from cmcl.train.config import Harness, TrainConfig
-from cmcl.train.learners import ModalityLearners
+from cmcl.train.learners import ModalityLearners, PairOutput
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective, Strategy
 from cmcl.types import StepInfo
@@ -81,9 +81,31 @@ class _DecoupledSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+def higher_order_term(objective: Objective, old: PairOutput, new: PairOutput, lr: float) -> torch.Tensor:
+    """``o(η)/η`` of Theorem 6 for one update: the loss change beyond its first-order prediction.
+
+    ``L(θ') = L(θ) + <∇L(θ), θ' - θ> + o(η)`` for the update θ → θ' (under plain SGD,
+    ``θ' - θ = -η Δ`` and the first-order term is ``-η <∇L, Δ>``, the theorem's). ``L`` is the
+    contrastive objective on the batch. The learners are affine in their parameters, so
+    ``<∇_θ L, θ' - θ> = <∂L/∂u, u' - u> + <∂L/∂v, v' - v>`` exactly: two forward passes (before and
+    after the update) give the term without touching parameter gradients.
+    """
+    with torch.enable_grad():
+        u = old.u.detach().clone().requires_grad_(True)
+        v = old.v.detach().clone().requires_grad_(True)
+        before = objective(u, v)
+        du, dv = torch.autograd.grad(before, (u, v))
+    with torch.no_grad():
+        after = objective(new.u, new.v)
+        first = (du * (new.u - u.detach())).sum() + (dv * (new.v - v.detach())).sum()
+        return (after - before.detach() - first) / lr
+
+
 def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatures, opt, sched, trained, clipped,
-             harness: Harness, *, epochs: int, batch_size: int, gen: torch.Generator, bar) -> list[dict]:
-    """The update loop of one step; returns every update's loss terms."""
+             harness: Harness, *, epochs: int, batch_size: int, gen: torch.Generator, bar,
+             objective: Objective | None = None) -> list[dict]:
+    """The update loop of one step; returns every update's loss terms (and, given the run's
+    ``objective``, the higher-order term of Theorem 6 as ``o_eta_over_eta``)."""
     records: list[dict[str, torch.Tensor]] = []
     update = 0
     for epoch in range(epochs):
@@ -110,10 +132,19 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
                 # the factor clip_grad_norm_ applied (same formula), for hooks that need raw gradients
                 out.grad_scale = min(1.0, harness.clip_norm / (float(norm) + 1e-6))
             strategy.before_update(batch, out)
+            if objective is not None:  # outputs before the update (read-only; numbers unchanged)
+                lr = opt.param_groups[0]["lr"]
+                with torch.no_grad():
+                    old = learners.forward_pairs(batch)
             opt.step()
             sched.step()
             strategy.after_update(batch, out)
-            records.append({k: v.detach() for k, v in losses.items()})
+            record = {k: v.detach() for k, v in losses.items()}
+            if objective is not None and lr > 0:
+                with torch.no_grad():
+                    new = learners.forward_pairs(batch)
+                record["o_eta_over_eta"] = higher_order_term(objective, old, new, lr)
+            records.append(record)
             update += 1
             bar.update(1)
     bar.close()
@@ -127,15 +158,23 @@ class StepResult:
     losses: pd.DataFrame
     updates: int
     seconds: float
+    #: seconds of the strategy's per-step work (before_step, training_set, after_step), inside ``seconds``
+    strategy_seconds: float = 0.0
 
 
 def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, data: PairedFeatures, *,
-             harness: Harness, epochs: int, batch_size: int, progress: bool = False) -> StepResult:
-    """Train one step: hooks, a fresh optimizer and scheduler, ``epochs`` passes over the batches."""
+             harness: Harness, epochs: int, batch_size: int, progress: bool = False,
+             objective: Objective | None = None) -> StepResult:
+    """Train one step: hooks, a fresh optimizer and scheduler, ``epochs`` passes over the batches.
+
+    Given the run's ``objective``, every update also records the higher-order term of Theorem 6
+    (:func:`higher_order_term`; two extra forward passes of the batch, no effect on the numbers).
+    """
     step = dataclasses.replace(step, clip_norm=harness.clip_norm)
     start = time.perf_counter()  # the whole step, the strategy's per-step work included
     strategy.before_step(step, data)
     train = strategy.training_set(step, data)
+    hook_seconds = time.perf_counter() - start
     n = len(train)
     per_epoch = -(-n // batch_size)
     total = per_epoch * epochs
@@ -152,7 +191,7 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
         records = _updates(learners, strategy, train, opt, sched, trained, clipped, harness, epochs=epochs,
                            batch_size=batch_size, gen=torch.Generator().manual_seed(derive_seed(step.seed, 1)),
                            bar=tqdm(total=total, desc=f"step {step.index} {step.key}", unit="upd", leave=False,
-                                    disable=not progress, mininterval=0.5))
+                                    disable=not progress, mininterval=0.5), objective=objective)
     finally:
         for m in frozen:
             learners[m].requires_grad_(True)
@@ -161,8 +200,24 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
              for k in keys}
     frame = pd.DataFrame({"epoch": np.repeat(np.arange(epochs), per_epoch)[:len(records)],
                           "update": np.arange(len(records)), **table})
+    t0 = time.perf_counter()
     strategy.after_step(step, data)
-    return StepResult(frame, len(records), time.perf_counter() - start)
+    end = time.perf_counter()
+    return StepResult(frame, len(records), end - start, hook_seconds + end - t0)
+
+
+def machine(device: str) -> dict[str, Any]:
+    """What a step's timing was measured on: the device, its name, and the torch threads used."""
+    name = platform.processor() or platform.machine()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"device": device, "name": name, "threads": torch.get_num_threads(), "host": platform.node()}
 
 
 def _git_sha() -> str:
@@ -255,7 +310,9 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
         _random_weight_warning(cfg, protocol)
         learners = ModalityLearners(protocol.modalities, data.dim).to(device)
         strategy = get_strategy(cfg.strategy, backbone=None, **cfg.params)
-        strategy.setup(learners, Objective(cfg.temperature, cfg.loss))
+        objective = Objective(cfg.temperature, cfg.loss)
+        strategy.setup(learners, objective)
+        where = machine(cfg.device)
         h = cfg.resolved_harness()
 
         done = runs.finished_steps(run)
@@ -272,13 +329,16 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
             info = StepInfo(step.index, step.dataset, step.modalities, derive_seed(cfg.seed, step.index))
             train = data.train(step).to(device)
             result = fit_step(learners, strategy, info, train, harness=h, epochs=cfg.epochs,
-                              batch_size=cfg.batch_size, progress=progress)
+                              batch_size=cfg.batch_size, progress=progress, objective=objective)
             t0 = time.perf_counter()
             rows = score(learners, step.index)
             losses = {k: float(np.nanmean(result.losses[k])) for k in result.losses.columns if k.endswith("_loss")}
             metrics = {"step": step.index, "dataset": step.dataset, "pair": step.pair, "n_train": len(train),
                        "updates": result.updates, "train_seconds": result.seconds,
+                       "strategy_seconds": result.strategy_seconds, "machine": where,
                        "eval_seconds": time.perf_counter() - t0, "mean_losses": losses, "report": strategy.report()}
+            if "o_eta_over_eta" in result.losses:
+                metrics["o_eta_over_eta"] = float(np.nanmean(result.losses["o_eta_over_eta"]))
             runs.write_step(run, step.index, learners=learners, strategy_state=strategy.state_dict(),
                             eval_rows=rows, losses=result.losses, metrics=metrics)
             if keep_states == "last":
