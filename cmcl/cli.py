@@ -433,17 +433,24 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
               help="Feature cache for re-scoring [default: the one each run was trained on].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the heatmap PNGs.")
+@click.option("--figures", is_flag=True, help="Also write the paper's Fig. 3a/3b per strategy, Table 3 (seconds per "
+              "step) and a score-against-BWT comparison into <stem>_figures/ (PNG and CSV each).")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
 def evaluate(runs: Path, report: Path, recall_protocol: str, features: Path | None, device: str, no_plots: bool,
-             quiet: bool) -> None:
+             figures: bool, quiet: bool) -> None:
     """Score runs (Recall@1/5/10, zero-shot Acc, BWT) and write the paper's Table 2."""
     _setup_logging(quiet)
     from cmcl.pipeline import report as make_report
 
     rep = make_report(runs, report, recall_protocol=recall_protocol, device=_device(device),
-                      features=str(features) if features else None, plots=not no_plots)
+                      features=str(features) if features else None, plots=not no_plots, figures=figures)
     click.echo(rep.text)
+    if rep.table3 is not None and not rep.table3.empty:
+        from cmcl.evaluate.figures import format_table3
+
+        click.echo("\nTable 3: seconds per training step, mean ± std (the strategy's own per-step work)")
+        click.echo(format_table3(rep.table3))
     for s in rep.skipped:
         log.warning("skipped incomplete run: %s", s)
     log.info("wrote %s", ", ".join(str(f) for f in rep.files[:2])

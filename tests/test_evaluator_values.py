@@ -87,6 +87,8 @@ EXPECTED = {
 for _s in (1, 2):
     for _k in (1, 5, 10):
         EXPECTED[(_s, "mean", f"R@{_k}")] = 0.5 * (EXPECTED[(_s, "a2b", f"R@{_k}")] + EXPECTED[(_s, "b2a", f"R@{_k}")])
+# the alignment score (mean inner product of each pair's outputs) is the diagonal of S and A: all 1
+EXPECTED[(1, "mean", "align")] = EXPECTED[(2, "mean", "align")] = 1.0
 
 
 def one_hot_protos(pred, n_classes):

@@ -245,3 +245,23 @@ def describe_run(run: Path) -> str:
     if (run / "summary.json").is_file():
         lines.append("  " + "  ".join(f"{k} {v:.2f}" for k, v in read_json(run / "summary.json").items()))
     return "\n".join(lines)
+
+
+def read_losses(run: Path) -> pd.DataFrame:
+    """Every trained step's per-update records (``losses.csv``) of a run, with a ``step`` column, in order."""
+    frames = []
+    for i in finished_steps(run):
+        path = step_dir(run, i) / "losses.csv"
+        if i == 0 or not path.is_file():
+            continue
+        try:
+            frames.append(pd.read_csv(path).assign(step=i))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise RunError(f"{path}: cannot read ({exc})") from None
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "epoch", "update"])
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """Every trained step's ``metrics.json`` of a run, in step order."""
+    return [read_json(step_dir(run, i) / "metrics.json") for i in finished_steps(run)
+            if i > 0 and (step_dir(run, i) / "metrics.json").is_file()]

@@ -34,10 +34,13 @@ class Report:
     text: str
     files: list[Path]
     skipped: list[str]
+    #: Table 3 (seconds per step) when figures were asked for
+    table3: pd.DataFrame | None = None
 
 
 def report_runs(runs: str | Path, report: str | Path, *, recall_protocol: str = "paper",
-                rescore: Rescore | None = None, order: Sequence[str] = (), plots: bool = True) -> Report:
+                rescore: Rescore | None = None, order: Sequence[str] = (), plots: bool = True,
+                figures: bool = False) -> Report:
     """Aggregate every complete run under ``runs`` into Table 2.
 
     Writes ``report`` (Table 2 as CSV: mean and std per metric, n), ``results.csv`` beside it (long
@@ -52,12 +55,15 @@ def report_runs(runs: str | Path, report: str | Path, *, recall_protocol: str = 
         rescore: re-scores a run from its checkpoints (required only when some run needs it).
         order: strategy order of the table (the paper's); others follow alphabetically.
         plots: write the heatmaps.
+        figures: also write the paper's figures, Table 3 and the comparison plot
+            (:mod:`cmcl.evaluate.figures`) into ``<report stem>_figures/``.
     """
     report = Path(report)
     frames, summaries, skipped = [], [], []
     n_steps_by_run: dict[str, int] = {}
     labels_by_run: dict[str, list[str]] = {}
     found = run_files.find_runs(runs)
+    complete: list[Path] = []
     if not found:
         raise RunError(f"{runs}: no runs found (no config.json below it)")
     for run in found:
@@ -85,6 +91,7 @@ def report_runs(runs: str | Path, report: str | Path, *, recall_protocol: str = 
         frames.append(rows.assign(run=str(run), backbone=cfg["backbone"], strategy=label,
                                   seed=cfg["seed"])[RESULT_COLUMNS])
         n_steps_by_run[str(run)] = T
+        complete.append(run)
         labels_by_run[str(run)] = [f"{i + 1}:{k}" for i, k in enumerate(steps)]
     if not frames:
         raise RunError(f"{runs}: no complete run to report ({len(skipped)} incomplete)")
@@ -97,4 +104,11 @@ def report_runs(runs: str | Path, report: str | Path, *, recall_protocol: str = 
     files = [report, results_path]
     if plots:
         files += heatmaps(results, report.with_name(report.stem + "_heatmaps"), n_steps_by_run, labels_by_run)
-    return Report(table, results, format_table(table), files, skipped)
+    t3 = None
+    if figures:
+        from cmcl.evaluate.figures import write_figures
+
+        out = report.with_name(report.stem + "_figures")
+        files += write_figures(complete, table, out)
+        t3 = pd.read_csv(out / "table3.csv")
+    return Report(table, results, format_table(table), files, skipped, t3)
