@@ -83,6 +83,7 @@ def test_higher_order_term_vanishes_with_the_step_size():
 @pytest.mark.parametrize("strategy", ["vanilla", "dns"])
 def test_recording_does_not_change_the_numbers(strategy):
     data = random_pairs(96, 16, seed=3, pair=PAIR)
+    big = random_pairs(80, 16, seed=4, pair=PAIR)  # 10 updates of 8: recorded at updates 0 and 8
     h = Harness(1e-2, 1e-3, True, False, None)
     results = []
     for objective in (None, Objective()):
@@ -92,12 +93,17 @@ def test_recording_does_not_change_the_numbers(strategy):
         strat.setup(learners, Objective())
         res = [fit_step(learners, strat, StepInfo(i, "x", PAIR, 7 + i), data, harness=h, epochs=2, batch_size=32,
                         objective=objective) for i in (1, 2)]
+        res.append(fit_step(learners, strat, StepInfo(3, "x", PAIR, 10), big, harness=h, epochs=1, batch_size=8,
+                            objective=objective))
         results.append((learners.state_dict(), res))
     (a, ra), (b, rb) = results
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "o_eta_over_eta" not in ra[1].losses and "o_eta_over_eta" in rb[1].losses
-    assert np.isfinite(rb[1].losses["o_eta_over_eta"]).all() and len(rb[1].losses) == 6
+    recorded = rb[1].losses["o_eta_over_eta"].to_numpy()
+    assert len(recorded) == 6 and np.isfinite(recorded[0]) and np.isnan(recorded[1:]).all()  # every 8th update
     pd.testing.assert_frame_equal(ra[1].losses, rb[1].losses.drop(columns="o_eta_over_eta"))
+    third = rb[2].losses["o_eta_over_eta"]
+    assert list(np.flatnonzero(np.isfinite(third.to_numpy()))) == [0, 8]
 
 
 def invoke(*args):

@@ -81,14 +81,21 @@ class _DecoupledSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+#: the higher-order term is recorded on every HIGHER_ORDER_EVERY-th update of a step (from its first):
+#: each recording costs a forward pass of the batch, ~40% of an update of a linear learner
+#: (benchmarks/bench_recording.py), so every 8th keeps the cost near 5% and the step mean unbiased.
+HIGHER_ORDER_EVERY = 8
+
+
 def higher_order_term(objective: Objective, old: PairOutput, new: PairOutput, lr: float) -> torch.Tensor:
     """``o(η)/η`` of Theorem 6 for one update: the loss change beyond its first-order prediction.
 
     ``L(θ') = L(θ) + <∇L(θ), θ' - θ> + o(η)`` for the update θ → θ' (under plain SGD,
     ``θ' - θ = -η Δ`` and the first-order term is ``-η <∇L, Δ>``, the theorem's). ``L`` is the
     contrastive objective on the batch. The learners are affine in their parameters, so
-    ``<∇_θ L, θ' - θ> = <∂L/∂u, u' - u> + <∂L/∂v, v' - v>`` exactly: two forward passes (before and
-    after the update) give the term without touching parameter gradients.
+    ``<∇_θ L, θ' - θ> = <∂L/∂u, u' - u> + <∂L/∂v, v' - v>`` exactly: the outputs before the update
+    (the trainer's own, when the strategy evaluated the closure once) and one forward pass after it
+    give the term without touching parameter gradients.
     """
     with torch.enable_grad():
         u = old.u.detach().clone().requires_grad_(True)
@@ -105,9 +112,13 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
              harness: Harness, *, epochs: int, batch_size: int, gen: torch.Generator, bar,
              objective: Objective | None = None) -> list[dict]:
     """The update loop of one step; returns every update's loss terms (and, given the run's
-    ``objective``, the higher-order term of Theorem 6 as ``o_eta_over_eta``)."""
+    ``objective``, the higher-order term of Theorem 6 as ``o_eta_over_eta`` on every
+    :data:`HIGHER_ORDER_EVERY`-th update, NaN on the others)."""
     records: list[dict[str, torch.Tensor]] = []
     update = 0
+    # a strategy that evaluates the closure more than once (C-Flat's perturbed pass, say) may leave
+    # outputs of other parameters on ``out``: the recording then recomputes them
+    single_pass = type(strategy).compute_gradients is Strategy.compute_gradients
     for epoch in range(epochs):
         for rows in iter_batches(len(train), batch_size, gen):
             batch = train.select(rows)
@@ -132,15 +143,19 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
                 # the factor clip_grad_norm_ applied (same formula), for hooks that need raw gradients
                 out.grad_scale = min(1.0, harness.clip_norm / (float(norm) + 1e-6))
             strategy.before_update(batch, out)
-            if objective is not None:  # outputs before the update (read-only; numbers unchanged)
+            recording = objective is not None and update % HIGHER_ORDER_EVERY == 0
+            if recording:  # outputs before the update (read-only; numbers unchanged)
                 lr = opt.param_groups[0]["lr"]
-                with torch.no_grad():
-                    old = learners.forward_pairs(batch)
+                if single_pass:  # the closure ran once, at these parameters: its outputs are the ones
+                    old = PairOutput(out.u.detach(), out.v.detach())
+                else:
+                    with torch.no_grad():
+                        old = learners.forward_pairs(batch)
             opt.step()
             sched.step()
             strategy.after_update(batch, out)
             record = {k: v.detach() for k, v in losses.items()}
-            if objective is not None and lr > 0:
+            if recording and lr > 0:
                 with torch.no_grad():
                     new = learners.forward_pairs(batch)
                 record["o_eta_over_eta"] = higher_order_term(objective, old, new, lr)
@@ -167,8 +182,9 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
              objective: Objective | None = None) -> StepResult:
     """Train one step: hooks, a fresh optimizer and scheduler, ``epochs`` passes over the batches.
 
-    Given the run's ``objective``, every update also records the higher-order term of Theorem 6
-    (:func:`higher_order_term`; two extra forward passes of the batch, no effect on the numbers).
+    Given the run's ``objective``, every :data:`HIGHER_ORDER_EVERY`-th update also records the
+    higher-order term of Theorem 6 (:func:`higher_order_term`; one extra forward pass of the batch,
+    no effect on the numbers).
     """
     step = dataclasses.replace(step, clip_norm=harness.clip_norm)
     start = time.perf_counter()  # the whole step, the strategy's per-step work included
