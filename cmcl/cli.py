@@ -392,13 +392,17 @@ def train_options(fn):
                    "one run series per combination, labelled by its values.")
 @click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1),
               help="Train the runs in N worker processes; a failed run does not stop the others.")
+@click.option("--log", "loggers", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+              help="Also send every step's records to TensorBoard (RUN/tensorboard/) or W&B (offline in RUN/wandb/ "
+                   "unless WANDB_MODE=online); repeatable. Extras: cmcl[tensorboard], cmcl[wandb].")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="Torch threads per run [default: the cores divided between the jobs]. CPU numbers depend on it: "
                    "--jobs N --threads T equals --jobs 1 --threads T bit for bit.")
 @train_options
 @user_errors
 def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str, runs: Path, label: str | None,
-          resume: bool, overwrite: bool, grid: tuple[str, ...], jobs: int, threads: int | None, protocol: str,
+          resume: bool, overwrite: bool, grid: tuple[str, ...], jobs: int, loggers: tuple[str, ...],
+          threads: int | None, protocol: str,
           params: tuple[str, ...], device: str, quiet: bool, keep_states: str, **settings: Any) -> None:
     """Train one linear learner per modality over a protocol, step after step.
 
@@ -417,7 +421,7 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
         train_runs(features, backbone, names, _seeds(seeds), runs, protocol, fixed, label=label, resume=resume,
                    overwrite=overwrite, device=_device(device), progress=not quiet and jobs == 1,
                    keep_states=keep_states, grid=parse_grid(grid, names, fixed), jobs=jobs, threads=threads,
-                   **settings)
+                   log=loggers, **settings)
     except SweepFailed as exc:
         raise _SweepError(str(exc), exc.exit_code) from None
 

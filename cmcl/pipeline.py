@@ -30,6 +30,7 @@ from cmcl.train.strategies import PAPER_ORDER, resolve_params
 from cmcl.train.trainer import RunPlan, Score, plan_run, train_run
 
 log = logging.getLogger("cmcl")
+logger = log
 
 
 def embedder(learners: ModalityLearners) -> Embed:
@@ -75,7 +76,7 @@ def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: 
                protocol: str, overrides: dict[str, dict[str, Any]], *, label: str | None = None,
                resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = False,
                keep_states: str = "last", grid: dict[str, dict[str, list[Any]]] | None = None, jobs: int = 1,
-               threads: int | None = None, **settings: Any) -> list[Path]:
+               threads: int | None = None, log: Sequence[str] = (), **settings: Any) -> list[Path]:
     """Train the strategy x grid x seed runs of a sweep; returns their folders.
 
     Every run is validated (options, strategy parameters, protocol, feature files) before any is
@@ -83,9 +84,13 @@ def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: 
     ``{parameter: [values]}``: one run series per combination, labelled by its values (with the
     ``overrides``). Runs are trained in ``jobs`` processes (:func:`cmcl.sweep.run_sweep`), each with
     ``threads`` torch threads; a run that fails does not stop the others: the sweep ends with
-    :class:`cmcl.sweep.SweepFailed` listing them (a sweep of one run raises its own error).
+    :class:`cmcl.sweep.SweepFailed` listing them (a sweep of one run raises its own error). ``log``
+    names loggers (:mod:`cmcl.loggers`) that receive each step's records.
     """
+    from cmcl.loggers import check_loggers
     from cmcl.sweep import SweepFailed, expand_grid, run_sweep
+
+    check_loggers(list(log))
 
     combos = {name: expand_grid((grid or {}).get(name, {})) for name in strategies}
     if label and sum(len(c) for c in combos.values()) > 1:
@@ -104,15 +109,14 @@ def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: 
                 plans.append(plan_run(cfg, data))
                 data = plans[-1].data
     by_cfg = {id(p.cfg): p for p in plans}
-    options = {"runs": runs, "resume": resume, "overwrite": overwrite, "keep_states": keep_states}
+    options = {"runs": runs, "resume": resume, "overwrite": overwrite, "keep_states": keep_states,
+               "loggers": list(log)}
 
     def train(cfg: TrainConfig) -> tuple[Path, dict[str, float]]:
-        log.info("training %s seed %d on %s/%s (%d steps, device %s)", cfg.label, cfg.seed, features, backbone,
-                 len(proto), device)
-        plan = by_cfg[id(cfg)]
-        run = train_run(plan, runs, score=step_scorer(plan), resume=resume, overwrite=overwrite,
-                        keep_states=keep_states, progress=progress)
-        return run, write_summary(run)
+        logger.info("training %s seed %d on %s/%s (%d steps, device %s)", cfg.label, cfg.seed, features, backbone,
+                    len(proto), device)
+        return _train_logged(by_cfg[id(cfg)], runs, list(log), resume=resume, overwrite=overwrite,
+                             keep_states=keep_states, progress=progress)
 
     outcomes = run_sweep([p.cfg for p in plans], train, jobs=jobs, threads=threads,
                          worker_train="cmcl.pipeline:train_config", worker_options=options)
@@ -127,16 +131,27 @@ def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: 
 _DATA_CACHE: dict[tuple[str, str, str], StepData] = {}
 
 
+def _train_logged(plan: RunPlan, runs: Path, loggers: list[str], **kwargs: Any) -> tuple[Path, dict[str, float]]:
+    """Train one planned run, its steps sent to ``loggers``; returns the folder and its summary."""
+    from cmcl.loggers import RunLoggers
+
+    on_step = RunLoggers(loggers) if loggers else None
+    run = train_run(plan, runs, score=step_scorer(plan), on_step=on_step, **kwargs)
+    summary = write_summary(run)
+    if on_step is not None:
+        on_step.close(run, summary)
+    return run, summary
+
+
 def train_config(cfg: TrainConfig, *, runs: Path, resume: bool = False, overwrite: bool = False,
-                 keep_states: str = "last") -> tuple[Path, dict[str, float]]:
+                 keep_states: str = "last", loggers: Sequence[str] = ()) -> tuple[Path, dict[str, float]]:
     """Validate and train one configuration in a worker process (features loaded once per worker)."""
     key = (cfg.features, cfg.backbone, cfg.protocol_sha256)
     plan = plan_run(cfg, _DATA_CACHE.get(key))
     _DATA_CACHE.clear()
     _DATA_CACHE[key] = plan.data
-    run = train_run(plan, runs, score=step_scorer(plan), resume=resume, overwrite=overwrite,
-                    keep_states=keep_states, progress=False)
-    return run, write_summary(run)
+    return _train_logged(plan, runs, list(loggers), resume=resume, overwrite=overwrite, keep_states=keep_states,
+                         progress=False)
 
 
 def rescore_run(run: Path, settings: EvalSettings, device: str = "cpu", features: str | None = None) -> pd.DataFrame:

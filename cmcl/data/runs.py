@@ -265,3 +265,21 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     """Every trained step's ``metrics.json`` of a run, in step order."""
     return [read_json(step_dir(run, i) / "metrics.json") for i in finished_steps(run)
             if i > 0 and (step_dir(run, i) / "metrics.json").is_file()]
+
+
+def read_eval_step(run: Path, index: int) -> pd.DataFrame:
+    """One finished step's eval rows."""
+    path = step_dir(run, index) / "eval.csv"
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RunError(f"{path}: cannot read ({exc})") from None
+
+
+def read_step_losses(run: Path, index: int) -> pd.DataFrame:
+    """One trained step's per-update records (``losses.csv``)."""
+    path = step_dir(run, index) / "losses.csv"
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RunError(f"{path}: cannot read ({exc})") from None

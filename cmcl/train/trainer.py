@@ -297,8 +297,12 @@ def plan_run(cfg: TrainConfig, data: StepData | None = None) -> RunPlan:
     return RunPlan(cfg, protocol, data, runs.feature_fingerprint(cfg.features, cfg.backbone, protocol.datasets))
 
 
+#: ``on_step(run, index)``: called after step ``index`` of ``run`` was written (0: the evaluation before training).
+OnStep = Callable[[Path, int], None]
+
+
 def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = False, overwrite: bool = False,
-              keep_states: str = "last", progress: bool = False) -> Path:
+              keep_states: str = "last", progress: bool = False, on_step: OnStep | None = None) -> Path:
     """Run the whole protocol for one strategy and seed into its run folder; returns the folder.
 
     Everything was validated by :func:`plan_run` before the folder is touched, and the folder is
@@ -316,6 +320,8 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
         keep_states: ``"last"`` keeps the strategy state of the last finished step only (enough to
             resume or append steps); ``"all"`` keeps every step's.
         progress: show progress bars.
+        on_step: called with the run folder and the step index after each step folder is written
+            (loggers read the step's records from there).
     """
     cfg, protocol, data = plan.cfg, plan.protocol, plan.data
     run = runs.run_dir(root, cfg.backbone, cfg.label or cfg.strategy, cfg.seed)
@@ -341,6 +347,8 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
             log.info("%s: resuming after step %d", run, last)
         if last < 0:
             runs.write_step(run, 0, learners=None, strategy_state=None, eval_rows=score(learners, 0))
+            if on_step is not None:
+                on_step(run, 0)
         for step in protocol.steps[max(last, 0):]:
             info = StepInfo(step.index, step.dataset, step.modalities, derive_seed(cfg.seed, step.index))
             train = data.train(step).to(device)
@@ -359,6 +367,8 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
                             eval_rows=rows, losses=result.losses, metrics=metrics)
             if keep_states == "last":
                 (runs.step_dir(run, step.index - 1) / "strategy.pt").unlink(missing_ok=True)
+            if on_step is not None:
+                on_step(run, step.index)
             log.info("%s step %d/%d %s: %.1fs, loss %.4f", cfg.label or cfg.strategy, step.index, len(protocol),
                      step.key, result.seconds, sum(losses.values()))
             del train
