@@ -395,6 +395,19 @@ def train_options(fn):
 @click.option("--log", "loggers", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
               help="Also send every step's records to TensorBoard (RUN/tensorboard/) or W&B (offline in RUN/wandb/ "
                    "unless WANDB_MODE=online); repeatable. Extras: cmcl[tensorboard], cmcl[wandb].")
+@click.option("--launcher", default=None, type=click.Choice(["slurm", "local"]),
+              help="Submit one job per run (a job array) through submitit instead of training here: slurm, or local "
+                   "(submitit's local executor). Job ids go to RUNS/.jobs/; see cmcl status RUNS. Extra: cmcl[slurm].")
+@click.option("--slurm-partition", default=None, help="SLURM partition of the jobs.")
+@click.option("--slurm-time", default=60, show_default=True, type=click.IntRange(min=1), help="Minutes per job.")
+@click.option("--slurm-gpus", default=0, show_default=True, type=click.IntRange(min=0), help="GPUs per job.")
+@click.option("--slurm-cpus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CPUs per job (its torch threads).")
+@click.option("--slurm-mem", default=None, type=click.FloatRange(min=0, min_open=True), help="GB of memory per job.")
+@click.option("--slurm-account", default=None, help="SLURM account to charge.")
+@click.option("--slurm-array-parallelism", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Jobs of the array running at once.")
+@click.option("--wait", is_flag=True, help="With --launcher: wait for the jobs to end and report failures.")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="Torch threads per run [default: the cores divided between the jobs]. CPU numbers depend on it: "
                    "--jobs N --threads T equals --jobs 1 --threads T bit for bit.")
@@ -402,6 +415,8 @@ def train_options(fn):
 @user_errors
 def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str, runs: Path, label: str | None,
           resume: bool, overwrite: bool, grid: tuple[str, ...], jobs: int, loggers: tuple[str, ...],
+          launcher: str | None, slurm_partition: str | None, slurm_time: int, slurm_gpus: int, slurm_cpus: int,
+          slurm_mem: float | None, slurm_account: str | None, slurm_array_parallelism: int, wait: bool,
           threads: int | None, protocol: str,
           params: tuple[str, ...], device: str, quiet: bool, keep_states: str, **settings: Any) -> None:
     """Train one linear learner per modality over a protocol, step after step.
@@ -417,11 +432,19 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
     from cmcl.sweep import SweepFailed
 
     fixed = parse_params(params, names)
+    cluster = None
+    if launcher:
+        from cmcl.launch import ClusterOptions
+
+        if overwrite:
+            raise ConfigError("--launcher submits resumable jobs; remove old runs yourself instead of --overwrite")
+        cluster = ClusterOptions(slurm_partition, slurm_time, slurm_gpus, slurm_cpus, slurm_mem,
+                                 slurm_array_parallelism, slurm_account)
     try:
         train_runs(features, backbone, names, _seeds(seeds), runs, protocol, fixed, label=label, resume=resume,
                    overwrite=overwrite, device=_device(device), progress=not quiet and jobs == 1,
                    keep_states=keep_states, grid=parse_grid(grid, names, fixed), jobs=jobs, threads=threads,
-                   log=loggers, **settings)
+                   log=loggers, launcher=launcher, cluster=cluster, wait=wait, **settings)
     except SweepFailed as exc:
         raise _SweepError(str(exc), exc.exit_code) from None
 
@@ -459,6 +482,16 @@ def evaluate(runs: Path, report: Path, recall_protocol: str, features: Path | No
         log.warning("skipped incomplete run: %s", s)
     log.info("wrote %s", ", ".join(str(f) for f in rep.files[:2])
              + (f" and {len(rep.files) - 2} heatmaps" if len(rep.files) > 2 else ""))
+
+
+@cli.command()
+@click.argument("runs", type=click.Path(file_okay=False, path_type=Path))
+@user_errors
+def status(runs: Path) -> None:
+    """Which runs under RUNS are finished, running, failed or missing (submitted jobs and run folders)."""
+    from cmcl.launch import format_status, status as run_status
+
+    click.echo(format_status(run_status(runs)))
 
 
 # ------------------------------------------------------------------------------------- info / list

@@ -76,7 +76,8 @@ def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: 
                protocol: str, overrides: dict[str, dict[str, Any]], *, label: str | None = None,
                resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = False,
                keep_states: str = "last", grid: dict[str, dict[str, list[Any]]] | None = None, jobs: int = 1,
-               threads: int | None = None, log: Sequence[str] = (), **settings: Any) -> list[Path]:
+               threads: int | None = None, log: Sequence[str] = (), launcher: str | None = None,
+               cluster: Any = None, wait: bool = False, **settings: Any) -> list[Path]:
     """Train the strategy x grid x seed runs of a sweep; returns their folders.
 
     Every run is validated (options, strategy parameters, protocol, feature files) before any is
@@ -85,7 +86,9 @@ def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: 
     ``overrides``). Runs are trained in ``jobs`` processes (:func:`cmcl.sweep.run_sweep`), each with
     ``threads`` torch threads; a run that fails does not stop the others: the sweep ends with
     :class:`cmcl.sweep.SweepFailed` listing them (a sweep of one run raises its own error). ``log``
-    names loggers (:mod:`cmcl.loggers`) that receive each step's records.
+    names loggers (:mod:`cmcl.loggers`) that receive each step's records. With a ``launcher``
+    (``slurm`` or ``local``, :mod:`cmcl.launch`) the validated runs are submitted as jobs instead
+    (``cluster``: a :class:`cmcl.launch.ClusterOptions`); with ``wait`` the call returns when they end.
     """
     from cmcl.loggers import check_loggers
     from cmcl.sweep import SweepFailed, expand_grid, run_sweep
@@ -118,6 +121,12 @@ def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: 
         return _train_logged(by_cfg[id(cfg)], runs, list(log), resume=resume, overwrite=overwrite,
                              keep_states=keep_states, progress=progress)
 
+    if launcher:
+        from cmcl.launch import ClusterOptions, submit
+
+        submit([p.cfg for p in plans], runs, launcher=launcher, cluster=cluster or ClusterOptions(),
+               options={"keep_states": keep_states, "loggers": list(log)}, wait=wait)
+        return [run_files.run_dir(runs, p.cfg.backbone, p.cfg.label or p.cfg.strategy, p.cfg.seed) for p in plans]
     outcomes = run_sweep([p.cfg for p in plans], train, jobs=jobs, threads=threads,
                          worker_train="cmcl.pipeline:train_config", worker_options=options)
     failed = [o for o in outcomes if not o.ok]

@@ -74,3 +74,17 @@ def exclusive(path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         release(path)
+
+
+def is_locked(path: str | os.PathLike) -> bool:
+    """Whether another process holds the lock of ``path`` now (probes without waiting)."""
+    lp = lock_path(path)
+    if not lp.exists():
+        return False
+    lock = FileLock(str(lp), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False

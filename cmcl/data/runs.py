@@ -283,3 +283,60 @@ def read_step_losses(run: Path, index: int) -> pd.DataFrame:
         return pd.read_csv(path)
     except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise RunError(f"{path}: cannot read ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------- cluster jobs
+# RUNS/.jobs/jobs.json maps each submitted run ("<backbone>/<label>/seed-<seed>") to its job id;
+# RUNS/.jobs/state/<key with / as __>.json is what the job itself recorded (started, failed, finished).
+
+def run_key(runs: str | Path, backbone: str, label: str, seed: int) -> str:
+    """A run's path relative to the runs root (the key of the job files)."""
+    return str(run_dir(runs, backbone, label, seed).relative_to(Path(runs)))
+
+
+def _jobs_dir(runs: str | Path) -> Path:
+    return Path(runs) / ".jobs"
+
+
+def read_jobs(runs: str | Path) -> dict[str, dict[str, Any]]:
+    """Every run submitted as a job under ``runs``: key -> job id, launcher, submission time, log folder."""
+    path = _jobs_dir(runs) / "jobs.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def write_jobs(runs: str | Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Record submitted jobs (a resubmission replaces a run's entry; its previous job ids are kept)."""
+    path = _jobs_dir(runs) / "jobs.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _job_lock(runs):
+        jobs = read_jobs(runs)
+        for key, entry in entries.items():
+            previous = jobs.get(key, {})
+            history = previous.get("previous_jobs", []) + ([previous["job_id"]] if "job_id" in previous else [])
+            jobs[key] = {**entry, "previous_jobs": history}
+        write_json(path, jobs)
+
+
+def _job_lock(runs: str | Path):
+    from filelock import FileLock
+
+    return FileLock(str(_jobs_dir(runs) / ".jobs.lock"), timeout=60)
+
+
+def write_job_state(runs: str | Path, key: str, state: dict[str, Any]) -> None:
+    """What a job records about its run (atomically)."""
+    path = _jobs_dir(runs) / "state" / (key.replace("/", "__") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, **state})
+
+
+def read_job_states(runs: str | Path) -> dict[str, dict[str, Any]]:
+    """Every job state recorded under ``runs``: key -> state."""
+    folder = _jobs_dir(runs) / "state"
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        state = read_json(path)
+        out[state["key"]] = state
+    return out
