@@ -83,6 +83,15 @@ def _device(name: str) -> str:
     return name
 
 
+def _job_device(name: str, gpus: int) -> str:
+    """The device of a submitted job: checked for form only (the submitting machine may have no GPU)."""
+    if name == "auto":
+        return "cuda" if gpus else "cpu"
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
 def parse_params(items: tuple[str, ...], strategies: list[str]) -> dict[str, dict[str, Any]]:
     """Split ``-p key=value`` / ``-p strategy.key=value`` into per-strategy overrides.
 
@@ -442,7 +451,8 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
                                  slurm_array_parallelism, slurm_account)
     try:
         train_runs(features, backbone, names, _seeds(seeds), runs, protocol, fixed, label=label, resume=resume,
-                   overwrite=overwrite, device=_device(device), progress=not quiet and jobs == 1,
+                   overwrite=overwrite, device=_job_device(device, slurm_gpus) if launcher else _device(device),
+                   progress=not quiet and jobs == 1,
                    keep_states=keep_states, grid=parse_grid(grid, names, fixed), jobs=jobs, threads=threads,
                    log=loggers, launcher=launcher, cluster=cluster, wait=wait, **settings)
     except SweepFailed as exc:
