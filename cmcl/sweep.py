@@ -173,7 +173,10 @@ def run_sweep(cfgs: Sequence[Any], train: TrainOne, *, jobs: int = 1, threads: i
         nonlocal finished
         finished += 1
         outcomes[i] = outcome
-        (log.info if outcome.ok else log.warning)("[%d/%d] %s", finished, n, outcome.line())
+        if outcome.ok:
+            log.info("[%d/%d] %s", finished, n, outcome.line())
+        elif n > 1:  # a sweep of one run ends with that run's own error, on one line
+            log.warning("[%d/%d] %s", finished, n, outcome.line())
 
     if jobs <= 1 or n <= 1:
         import torch
