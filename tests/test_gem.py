@@ -68,9 +68,13 @@ def test_without_margin_and_ridge_the_update_is_the_euclidean_projection_onto_th
     assert (g_mem @ g_tilde >= -1e-8).all()
     brute = minimize(lambda x: 0.5 * np.sum((x - g) ** 2), g, jac=lambda x: x - g, method="SLSQP",
                      constraints=[{"type": "ineq", "fun": lambda x, r=r: r @ x, "jac": lambda x, r=r: r}
-                                  for r in g_mem], options={"ftol": 1e-14, "maxiter": 500})
+                                  for r in g_mem], options={"ftol": 1e-12, "maxiter": 500})
+    # (ftol 1e-14 ends SLSQP with status 8, "positive directional derivative", under scipy 1.17)
     assert brute.success
     np.testing.assert_allclose(g_tilde, brute.x, atol=1e-6)
+    # and the KKT conditions of the projection hold without any solver: v >= 0, G g~ >= 0, v_k (G g~)_k = 0
+    assert (v >= -1e-10).all()
+    np.testing.assert_allclose(v * (g_mem @ g_tilde), 0.0, atol=1e-8)
     assert np.linalg.norm(g_tilde - g) > 0.1     # the problem was violated
 
 
@@ -145,7 +149,8 @@ def test_projected_gradient_keeps_every_shared_step_non_negative(clip, hooks):
     v = np.linalg.lstsq(g_mem.T.numpy(), (g_tilde - g).numpy(), rcond=None)[0]
     assert (v >= 0.5 - 1e-4).all()
     torch.testing.assert_close(g_mem.T @ torch.as_tensor(v), g_tilde - g, rtol=1e-4, atol=1e-6 * float(g_tilde.abs().max()))
-    assert (g_mem @ g_tilde >= -1e-3 * v.max() - 1e-9).all()
+    # an active constraint sits exactly on the ridge bound -ridge * v_k; .grad is float32, so allow its rounding
+    assert (g_mem @ g_tilde >= -1e-3 * v.max() * (1 + 1e-4) - 1e-9).all()
     assert (g_mem @ g_tilde).min() > (g_mem @ g).min()
     # learners of the memory outside the current pair got no gradient
     for m in ("video", "vision", "depth"):
