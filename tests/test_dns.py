@@ -143,6 +143,8 @@ def test_rank_b_route_uses_the_trainers_clip_factor():
     dns.before_step(StepInfo(2, "B", ("text", "audio"), 0), old)
     batch = old.select(torch.arange(b))
     out = learners.forward_pairs(batch)
+    out.u.retain_grad()  # what the trainer does for output_grads: the rank-B route reads dL/du
+    out.v.retain_grad()
     loss = dns.losses(batch, out)["contrastive_loss"]
     loss.backward()
     w = learners["text"].weight
@@ -163,11 +165,15 @@ def test_left_threshold_zero_is_exactly_one_sided():
     xa, xb = low_rank_pairs(3)
     data = PairedFeatures.from_arrays(xa, xb, ("text", "audio"), 1)
     dns.after_step(StepInfo(1, "A", ("text", "audio"), 0), data)
-    dns.before_step(StepInfo(2, "A", ("text", "audio"), 0), data)
+    step = StepInfo(2, "A", ("text", "audio"), 0)
+    dns.before_step(step, data)
+    learners.grad_inputs.update(dns.weight_grad_inputs(step))  # as the trainer installs them
     left, right = dns._proj["text"]
     assert left.is_identity and 0 < right.rank < D
     batch = data.select(torch.arange(16))
     out = learners.forward_pairs(batch)
+    out.u.retain_grad()
+    out.v.retain_grad()
     dns.losses(batch, out)["contrastive_loss"].backward()
     g = learners["text"].weight.grad.clone()
     cov = dns.cov_in["text"]

@@ -129,6 +129,9 @@ def one_update(learners, gem, batch, clip=1.0, hooks=True):
     def closure():
         learners.zero_grad(set_to_none=True)
         out = learners.forward_pairs(batch)
+        if hooks:  # what the trainer does for a strategy with output_grads: dL/du, dL/dv kept on out
+            out.u.retain_grad()
+            out.v.retain_grad()
         losses = gem.losses(batch, out) if hooks else {"contrastive_loss": info_nce(out.u, out.v)}
         sum(losses.values()).backward()
         return losses, out

@@ -62,13 +62,10 @@ class CFlat(Co2L):
         self._norms, self._work = [], {}
 
     def compute_gradients(self, closure: Closure) -> tuple[Losses, PairOutput]:
-        self._cache_targets, self._targets = True, None
-        try:
+        with self.same_batch():
             first = closure()
             self._record()                  # the loss terms at θ, not at the perturbed points
             self._flat_gradient(closure)
-        finally:
-            self._cache_targets, self._targets = False, None
         return first
 
     def _flat_gradient(self, closure: Closure) -> None:

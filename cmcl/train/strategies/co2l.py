@@ -28,6 +28,8 @@ the trainer sums them. C-Flat (:mod:`.cflat`) and CILA (:mod:`.cila`) reuse this
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -301,6 +303,16 @@ class Co2L(Strategy):
         ird = relation_distillation(stacked_unit(out), self._teacher_targets(batch), self.kappa)
         self._raw = (asym.detach(), ird.detach())
         return {"asym_loss": asym, "ird_loss": self.distill_weight() * ird}
+
+    @contextlib.contextmanager
+    def same_batch(self):
+        """Within the block every evaluation is of one batch (C-Flat's perturbed points): the
+        teacher's relation targets are computed once and reused."""
+        self._cache_targets, self._targets = True, None
+        try:
+            yield
+        finally:
+            self._cache_targets, self._targets = False, None
 
     def _teacher_targets(self, batch: PairedFeatures) -> torch.Tensor:
         if self._cache_targets and self._targets is not None:

@@ -28,20 +28,20 @@ whole affine learner (finding 5).
 
 Speed: with ``Q = I`` (the default), the projected gradient is ``G − G P = δᵀ (X − X P)``, so when the
 trainer does not clip gradients DNS hands autograd the projected inputs for the weight gradient
-(``ModalityLearners.grad_inputs``) and the projection costs O(B·d·k) per batch instead of a d×d
+(its ``weight_grad_inputs`` hook) and the projection costs O(B·d·k) per batch instead of a d×d
 correction. It is the same update; ``fused=False`` turns it off. With clipping (reference harness)
 the hook route runs, which projects the clipped raw gradient as the authors do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.strategies.base import Strategy
 from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
 from cmcl.types import StepInfo
 
@@ -58,6 +58,7 @@ class DNS(Strategy):
     """Dual-sided null-space projection of the active learners' gradients."""
 
     name = "dns"
+    output_grads = True   # dL/du, dL/dv on out: the rank-B route
     # The paper's thresholds; synthetic's is ours (docs/synthetic.md): its per-dataset energy is
     # spread over ~16 directions and diluted by later datasets, so 0.01 keeps fewer of them.
     backbone_defaults = {
@@ -97,7 +98,6 @@ class DNS(Strategy):
         self.cov_out: dict[str, torch.Tensor] = {}
         self.n_out: dict[str, int] = {}
         self._proj: dict[str, tuple[Projector, Projector]] = {}
-        self._delta: dict[str, torch.Tensor] = {}
         self._before: dict[str, torch.Tensor] = {}
         self._ranks: dict[str, float] = {}
 
@@ -121,9 +121,12 @@ class DNS(Strategy):
             self._ranks[f"dns/rank_out/{m}"] = float(left.rank)
             if (self.fused and self.project == "gradient" and step.clip_norm is None and left.is_identity
                     and not right.is_zero):
-                self.learners.grad_inputs[m] = self._projected_inputs(self._proj[m][1])
                 self._fused_now.add(m)
         self._ranks["dns/fused"] = float(len(self._fused_now))
+
+    def weight_grad_inputs(self, step: StepInfo) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The fused route: the trainer computes the weight gradient of these learners from X (I − P)."""
+        return {m: self._projected_inputs(self._proj[m][1]) for m in self._fused_now}
 
     def _projected_inputs(self, right: Projector):
         """x ↦ x (I − P) (over [x; 1] with ``project_bias``): the weight gradient then is G − G P."""
@@ -133,13 +136,6 @@ class DNS(Strategy):
         return transform
 
     # ------------------------------------------------------------------ gradient projection
-    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
-        # Capture dL/du and dL/dv for the rank-B projection route.
-        if self.project == "gradient" and out.u.requires_grad and len(self._fused_now) < 2:
-            out.u.register_hook(lambda g: self._delta.__setitem__("a", g))
-            out.v.register_hook(lambda g: self._delta.__setitem__("b", g))
-        return super().losses(batch, out)
-
     def _sides(self, batch: PairedFeatures):
         pair = batch.single_pair
         if pair is None:
@@ -160,12 +156,12 @@ class DNS(Strategy):
             if layer.weight.grad is None:
                 continue
             g = self._flat(layer.weight.grad, layer.bias.grad)
-            delta = self._delta.get(side)
+            y = out.u if side == "a" else out.v
+            delta = y.grad if y.retains_grad else None  # dL/du or dL/dv (output_grads)
             xin = _augment(x) if self.project_bias else x
             # .grad = grad_scale · δᵀX: the trainer reports the clipping factor it applied.
             project_out(g, left, right, x=xin, delta=delta, scale=out.grad_scale, subtract=True)
             self._unflat(g, layer.weight.grad, layer.bias.grad)
-        self._delta.clear()
 
     def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
         if self.project != "update":
@@ -200,8 +196,6 @@ class DNS(Strategy):
 
     # ------------------------------------------------------------------ covariances
     def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
-        for m in self._fused_now:
-            self.learners.grad_inputs.pop(m, None)
         self._fused_now = set()
         a, b = step.modalities
         n = len(data)
