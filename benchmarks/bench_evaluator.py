@@ -8,7 +8,7 @@ machine load. Every round checks that both give the same rows, value for value. 
 ``partner_ranks`` alone is timed on a tie-heavy case: vggsound_s audio queries against its texts
 (one text per class, so the partner ties with the other texts of its class).
 
-    python benchmarks/bench_evaluator.py                   # about a minute on 2 CPU cores
+    python benchmarks/bench_evaluator.py                   # 3.3-4.5 min on 2 busy cores (load 5-7)
     python benchmarks/bench_evaluator.py --rounds 5 --learners perturbed
 """
 
