@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
-from cmcl.train import checkpoint as ckpt
+from cmcl.data import runs as ckpt
+from cmcl.pipeline import train_one
 from cmcl.train.config import TrainConfig
 from cmcl.train.strategies import resolve_params
-from cmcl.train.trainer import train_run
+
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
                           params=resolve_params(name, {}, "synthetic"), label=name, epochs=args.epochs,
                           device=args.device)
         t0 = time.perf_counter()
-        run = train_run(cfg, runs)
+        run = train_one(cfg, runs)
         total = time.perf_counter() - t0
         steps = [json.loads((ckpt.step_dir(run, i) / "metrics.json").read_text()) for i in range(1, 12)]
         train_s = sum(s["train_seconds"] for s in steps)

@@ -8,7 +8,6 @@ protocols, backbones) and ``reproduce`` (the quickstart: all three on the synthe
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import sys
@@ -19,6 +18,7 @@ import click
 
 from cmcl import __version__
 from cmcl.errors import CMCLError, ConfigError
+from cmcl.keyvalue import parse_value, split_assignment
 
 log = logging.getLogger("cmcl")
 
@@ -72,21 +72,6 @@ def _device(name: str) -> str:
     return name
 
 
-def parse_value(text: str) -> Any:
-    """``-p`` values: true/false, none/null, int, float, else the string itself."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_params(items: tuple[str, ...], strategies: list[str]) -> dict[str, dict[str, Any]]:
     """Split ``-p key=value`` / ``-p strategy.key=value`` into per-strategy overrides.
 
@@ -97,15 +82,12 @@ def parse_params(items: tuple[str, ...], strategies: list[str]) -> dict[str, dic
 
     out: dict[str, dict[str, Any]] = {s: {} for s in strategies}
     for item in items:
-        if "=" not in item:
-            raise ConfigError(f"-p {item!r}: expected key=value (or strategy.key=value)")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        scope = None
-        if "." in key:
-            scope, key = key.split(".", 1)
-            if scope not in out:
-                raise ConfigError(f"-p {item!r}: strategy {scope!r} is not selected (selected: {', '.join(strategies)})")
+        try:
+            scope, key, value = split_assignment(item)
+        except ValueError:
+            raise ConfigError(f"-p {item!r}: expected key=value (or strategy.key=value)") from None
+        if scope and scope not in out:
+            raise ConfigError(f"-p {item!r}: strategy {scope!r} is not selected (selected: {', '.join(strategies)})")
         targets = [scope] if scope else [s for s in strategies if key in strategy_parameters(s)]
         if not targets or (scope and key not in strategy_parameters(scope)):
             accepted = {s: sorted(strategy_parameters(s)) for s in ([scope] if scope else strategies)}
@@ -178,7 +160,6 @@ def cli() -> None:
               help="Feature-cache root; files go to OUT/<backbone>/<dataset>/<split>.h5.")
 @click.option("--dataset", "dataset_list", multiple=True,
               help="Dataset(s) to embed, repeatable or comma-separated (synthetic: default all seven).")
-@click.option("--datasets", default=None, hidden=True, help="Alias of --dataset (comma-separated).")
 @click.option("--split", default="all", show_default=True, type=click.Choice(["train", "test", "all"]))
 @click.option("--data-root", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Folder holding the datasets (docs/datasets.md gives the expected layouts).")
@@ -218,7 +199,7 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of keeping or resuming them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or info messages.")
 @user_errors
-def extract(backbone: str | None, out: Path | None, dataset_list: tuple[str, ...], datasets: str | None, split: str,
+def extract(backbone: str | None, out: Path | None, dataset_list: tuple[str, ...], split: str,
             data_root: Path | None, checkpoint: str | None, random_weights: str | None, tokenizer: str | None,
             text_checkpoint: str | None, trust_checkpoint_pickle: bool, check_checkpoint: bool, device: str,
             fp16: bool, batch_size: int, workers: int, limit: int | None, max_failures: int,
@@ -237,18 +218,9 @@ def extract(backbone: str | None, out: Path | None, dataset_list: tuple[str, ...
       cmcl extract --verify features
     """
     _setup_logging(quiet)
-    names = [n for item in (*dataset_list, *([datasets] if datasets else [])) for n in _split_list(item, "--dataset")]
+    names = [n for item in dataset_list for n in _split_list(item, "--dataset")]
     if verify_root is not None:
-        from cmcl.data.readers import parse_reader_options
-        from cmcl.extract.verify import verify
-
-        opts = {d: parse_reader_options(d, reader_opts) for d in names} if reader_opts else None
-        report = verify(verify_root, backbone=backbone, datasets=names or None, data_root=data_root,
-                        cache_dir=cache_dir, reader_options=opts)
-        click.echo(report.format())
-        if not report.ok:
-            raise UserError(f"{verify_root}: the cache has problems (listed above)")
-        return
+        return _verify(verify_root, backbone, names, data_root, cache_dir, reader_opts)
     if not backbone:
         raise ConfigError("--backbone is required (or --verify FEATURES)")
     if backbone == "synthetic":
@@ -260,35 +232,63 @@ def extract(backbone: str | None, out: Path | None, dataset_list: tuple[str, ...
                                 overwrite=overwrite, progress=not quiet)
         log.info("wrote %d splits under %s", len(paths), out / "synthetic")
         return
-    from cmcl.extract.encoders import ENCODERS, check_checkpoint as check_ckpt, load_encoder
+    from cmcl.extract.encoders import ENCODERS
 
     if backbone not in ENCODERS:
         raise ConfigError(f"--backbone {backbone!r} is unknown (available: synthetic, {', '.join(sorted(ENCODERS))})")
     if check_checkpoint:
-        report = check_ckpt(backbone, checkpoint, trust_pickle=trust_checkpoint_pickle)
-        click.echo(report.summary())
-        if not report.ok:
-            raise UserError(f"{checkpoint or backbone}: the checkpoint does not fit the {backbone} architecture")
-        return
+        return _check_checkpoint(backbone, checkpoint, trust_checkpoint_pickle)
     if out is None or not names or data_root is None:
         raise ConfigError("--out, --dataset and --data-root are required with a real backbone")
-    from cmcl.data.catalog import DATASETS
+    _extract_real(backbone, names, split, data_root, out, checkpoint=checkpoint, random_weights=random_weights,
+                  tokenizer=tokenizer, text_checkpoint=text_checkpoint, trust_pickle=trust_checkpoint_pickle,
+                  device=device, fp16=fp16, batch_size=batch_size, workers=workers, limit=limit,
+                  max_failures=max_failures, num_shards=num_shards, shard=shard, cache_dir=cache_dir,
+                  reader_opts=reader_opts, overwrite=overwrite, progress=not quiet)
+
+
+def _verify(root: Path, backbone: str | None, names: list[str], data_root: Path | None, cache_dir: Path | None,
+            reader_opts: tuple[str, ...]) -> None:
+    """``extract --verify``: re-check every shard of a cache (and ids against the readers)."""
     from cmcl.data.readers import parse_reader_options
+    from cmcl.extract.verify import verify
+
+    opts = {d: parse_reader_options(d, reader_opts) for d in names} if reader_opts else None
+    report = verify(root, backbone=backbone, datasets=names or None, data_root=data_root, cache_dir=cache_dir,
+                    reader_options=opts)
+    click.echo(report.format())
+    if not report.ok:
+        raise UserError(f"{root}: the cache has problems (listed above)")
+
+
+def _check_checkpoint(backbone: str, checkpoint: str | None, trust_pickle: bool) -> None:
+    """``extract --check-checkpoint``: do the checkpoint's names and shapes fit the architecture?"""
+    from cmcl.extract.encoders import check_checkpoint
+
+    report = check_checkpoint(backbone, checkpoint, trust_pickle=trust_pickle)
+    click.echo(report.summary())
+    if not report.ok:
+        raise UserError(f"{checkpoint or backbone}: the checkpoint does not fit the {backbone} architecture")
+
+
+def _extract_real(backbone: str, names: list[str], split: str, data_root: Path, out: Path, *, checkpoint, random_weights,
+                  tokenizer, text_checkpoint, trust_pickle, device, fp16, reader_opts, progress, **engine) -> None:
+    """Embed datasets with a real encoder through the resumable engine."""
+    from cmcl.data.readers import READERS, parse_reader_options
+    from cmcl.extract.encoders import load_encoder
     from cmcl.extract.engine import describe, extract as run_extract, local_device
 
     dev = local_device() if device == "auto" else _device(device)
     for name in names:
-        options = {"modalities": DATASETS[name].modalities} if name in DATASETS else {}
+        options = {"modalities": READERS[name].modalities} if name in READERS else {}
         if tokenizer:
             options["tokenizer"] = tokenizer
         if text_checkpoint:
             options["text_checkpoint"] = text_checkpoint
         encoder = load_encoder(backbone, checkpoint=checkpoint, random_weights=random_weights, device=dev, fp16=fp16,
-                               trust_pickle=trust_checkpoint_pickle, **options)
-        for res in run_extract(encoder, name, split, data_root, out, limit=limit, overwrite=overwrite,
-                               max_failures=max_failures, num_shards=num_shards, shard=shard, workers=workers,
-                               batch_size=batch_size, cache_dir=cache_dir,
-                               reader_options=parse_reader_options(name, reader_opts), progress=not quiet):
+                               trust_pickle=trust_pickle, **options)
+        for res in run_extract(encoder, name, split, data_root, out, reader_options=parse_reader_options(name, reader_opts),
+                               progress=progress, **engine):
             click.echo(describe(res))
 
 
@@ -301,39 +301,6 @@ def _expand(strategies: list[str]) -> list[str]:
     if "all" in strategies:
         raise ConfigError("--strategy all cannot be combined with other strategies")
     return strategies
-
-
-def _train(features: Path, backbone: str, strategies: list[str], seeds: list[int], runs: Path, protocol: str,
-           overrides: dict[str, dict[str, Any]], label: str | None, resume: bool, overwrite: bool, device: str,
-           quiet: bool, keep_states: str, **settings: Any) -> list[Path]:
-    from cmcl.data.protocol import load_protocol
-    from cmcl.train.config import TrainConfig, make_label
-    from cmcl.train.strategies import resolve_params
-    from cmcl.train.trainer import plan_run, train_run
-
-    if label and len(strategies) > 1:
-        raise ConfigError("--label names one run series; use it with a single --strategy")
-    proto = load_protocol(protocol)
-    device = _device(device)
-    # Every run is validated (options, strategy parameters, protocol, feature files) before any is
-    # started, so a bad value never leaves a run folder behind.
-    plans, data = [], None
-    for name in strategies:
-        resolved = resolve_params(name, overrides[name], backbone)
-        for seed in seeds:
-            cfg = TrainConfig(features=str(features), backbone=backbone, strategy=name, params=resolved,
-                              label=label or make_label(name, overrides[name]), seed=seed, protocol=protocol,
-                              protocol_sha256=proto.sha256, device=device, **settings)
-            plans.append(plan_run(cfg, data))
-            data = plans[-1].data
-    done = []
-    for plan in plans:
-        cfg = plan.cfg
-        log.info("training %s seed %d on %s/%s (%d steps, device %s)", cfg.label, cfg.seed, features, backbone,
-                 len(proto), device)
-        done.append(train_run(plan, runs, resume=resume, overwrite=overwrite, keep_states=keep_states,
-                              progress=not quiet))
-    return done
 
 
 def train_options(fn):
@@ -394,8 +361,11 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     names = _expand([s for item in strategies for s in _split_list(item, "--strategy")])
-    _train(features, backbone, names, _seeds(seeds), runs, protocol,
-           parse_params(params, names), label, resume, overwrite, device, quiet, keep_states, **settings)
+    from cmcl.pipeline import train_runs
+
+    train_runs(features, backbone, names, _seeds(seeds), runs, protocol, parse_params(params, names), label=label,
+               resume=resume, overwrite=overwrite, device=_device(device), progress=not quiet,
+               keep_states=keep_states, **settings)
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -415,10 +385,10 @@ def evaluate(runs: Path, report: Path, recall_protocol: str, features: Path | No
              quiet: bool) -> None:
     """Score runs (Recall@1/5/10, zero-shot Acc, BWT) and write the paper's Table 2."""
     _setup_logging(quiet)
-    from cmcl.evaluate.runs import evaluate_runs
+    from cmcl.pipeline import report as make_report
 
-    rep = evaluate_runs(runs, report, recall_protocol=recall_protocol, device=_device(device),
-                        features=str(features) if features else None, plots=not no_plots)
+    rep = make_report(runs, report, recall_protocol=recall_protocol, device=_device(device),
+                      features=str(features) if features else None, plots=not no_plots)
     click.echo(rep.text)
     for s in rep.skipped:
         log.warning("skipped incomplete run: %s", s)
@@ -432,53 +402,20 @@ def evaluate(runs: Path, report: Path, recall_protocol: str, features: Path | No
 @user_errors
 def info(path: Path) -> None:
     """Describe a shard file, a feature-cache folder or a run directory."""
-    from cmcl.data.features import FeatureShard, list_cache
-    from cmcl.train import checkpoint as ckpt
+    from cmcl.data.features import describe_cache, describe_shard
+    from cmcl.data.runs import describe_run, find_runs, finished_steps
 
     if path.is_file():
-        with FeatureShard(path) as shard:
-            m = shard.meta
-            click.echo(f"{path}\n  schema cmcl.features/1  backbone {m.backbone}  dataset {m.dataset}  split {m.split}")
-            click.echo(f"  rows {len(shard)}  dim {m.dim}  modalities {', '.join(m.modalities)}  normalized {m.normalized}")
-            cls = shard.classes()
-            click.echo(f"  classes {len(cls[0]) if cls else 0}  text {'yes' if shard.text is not None else 'no'}  "
-                       f"checkpoint {m.checkpoint or '-'}  created {m.created_utc}  cmcl {m.cmcl_version}")
-            for k, v in sorted(m.extra.items()):
-                click.echo(f"  {k}: {str(v)[:120]}")
-            shard.check()
-            click.echo("  check: ok")
-        return
-    if (path / "config.json").is_file():
-        header = ckpt.read_json(path / "config.json")
-        cfg = header["config"]
-        steps = header["protocol"]["steps"]
-        done = ckpt.finished_steps(path)
-        last = done[-1] if done else 0
-        click.echo(f"{path}\n  {cfg['label'] or cfg['strategy']} seed {cfg['seed']} on {cfg['backbone']} "
-                   f"({cfg['features']}), protocol {cfg['protocol']}: {last}/{len(steps)} steps finished")
-        click.echo(f"  params {json.dumps(cfg['params'])}  harness {cfg['harness']}  cmcl {header['cmcl_version']} "
-                   f"git {header['git_sha'][:10] or '-'}")
-        if (path / "summary.json").is_file():
-            s = ckpt.read_json(path / "summary.json")
-            click.echo("  " + "  ".join(f"{k} {v:.2f}" for k, v in s.items()))
-        return
-    entries = list_cache(path)
-    runs = sorted(p.parent for p in path.rglob("config.json"))
-    if not entries and not runs:
-        raise ConfigError(f"{path}: neither a feature shard, a cache folder nor a run folder")
-    for e in entries:
-        rows = 0
-        dims = set()
-        for f in e.files:
-            with FeatureShard(f) as shard:
-                rows += len(shard)
-                dims.add(shard.meta.dim)
-                mods = shard.meta.modalities
-        click.echo(f"{e.backbone}/{e.dataset}/{e.split}: {rows} rows, dim {','.join(map(str, dims))}, "
-                   f"{', '.join(mods)}" + (f" ({len(e.files)} shards)" if len(e.files) > 1 else ""))
-    for run in runs:
-        done = ckpt.finished_steps(run)
-        click.echo(f"run {run.relative_to(path)}: {done[-1] if done else 0} steps finished")
+        click.echo(describe_shard(path))
+    elif (path / "config.json").is_file():
+        click.echo(describe_run(path))
+    else:
+        lines = describe_cache(path)
+        lines += [f"run {run.relative_to(path)}: {(finished_steps(run) or [0])[-1]} steps finished"
+                  for run in find_runs(path)]
+        if not lines:
+            raise ConfigError(f"{path}: neither a feature shard, a cache folder nor a run folder")
+        click.echo("\n".join(lines))
 
 
 @cli.command("list")
@@ -528,9 +465,9 @@ def reproduce(out: Path, scale: float, dim: int, data_seed: int, strategies: tup
     runs are kept and interrupted ones resume, so re-running the command continues where it stopped.
     """
     _setup_logging(quiet)
-    from cmcl.evaluate.runs import evaluate_runs
+    from cmcl.data.runs import run_dir
     from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
-    from cmcl.train import checkpoint as ckpt
+    from cmcl.pipeline import report as make_report, train_runs
     from cmcl.train.config import make_label
 
     features = out / "features"
@@ -539,13 +476,14 @@ def reproduce(out: Path, scale: float, dim: int, data_seed: int, strategies: tup
     overrides = parse_params(params, names)
     for name in names:
         for seed in _seeds(seeds):
-            run = ckpt.run_dir(out / "runs", "synthetic", make_label(name, overrides[name]), seed)
+            run = run_dir(out / "runs", "synthetic", make_label(name, overrides[name]), seed)
             if (run / "results.csv").is_file():
                 log.info("%s: already complete", run)
                 continue
-            _train(features, "synthetic", [name], [seed], out / "runs", protocol, overrides, None,
-                   (run / "config.json").is_file(), False, device, quiet, keep_states, **settings)
-    rep = evaluate_runs(out / "runs", out / "table2.csv", recall_protocol=settings["recall_protocol"])
+            train_runs(features, "synthetic", [name], [seed], out / "runs", protocol, overrides,
+                       resume=(run / "config.json").is_file(), device=_device(device), progress=not quiet,
+                       keep_states=keep_states, **settings)
+    rep = make_report(out / "runs", out / "table2.csv", recall_protocol=settings["recall_protocol"])
     click.echo(rep.text)
     log.info("Table 2: %s (long format: %s; heatmaps: %s)", out / "table2.csv", out / "results.csv",
              out / "table2_heatmaps")

@@ -1,4 +1,4 @@
-"""Shared vocabulary: modality names and the description of one continual-learning step.
+"""Shared vocabulary: modality names, recall protocols, and the description of one continual-learning step.
 
 Words used throughout cmcl: a *step* is one stage of the continual sequence (one dataset and one
 ordered modality pair); an *update* is one optimizer step; *batch* and *epoch* mean what they
@@ -28,14 +28,40 @@ def check_modality_name(name: str) -> str:
     return name
 
 
+#: How recall is sampled: the paper's seeded pools of 1000 test pairs, or the whole test split.
+RECALL_PROTOCOLS: tuple[str, ...] = ("paper", "full")
+
+
 @dataclass(frozen=True)
-class StepInfo:
-    """One step of a protocol as strategies see it.
+class Step:
+    """One step of a continual sequence: a dataset and an ordered modality pair.
 
     Attributes:
         index: 1-based position in the protocol (0 is reserved for "before training").
-        dataset: dataset name, e.g. ``"esc50"``.
+        dataset: dataset name in the cache, e.g. ``"esc50"``.
         modalities: the ordered pair ``(a, b)``; ``a`` is the anchor (row) side of the loss.
+    """
+
+    index: int
+    dataset: str
+    modalities: tuple[str, str]
+
+    @property
+    def key(self) -> str:
+        """Stable identifier of the step, e.g. ``"esc50:text-audio"``."""
+        return f"{self.dataset}:{self.pair}"
+
+    @property
+    def pair(self) -> str:
+        """``"a-b"``."""
+        return f"{self.modalities[0]}-{self.modalities[1]}"
+
+
+@dataclass(frozen=True)
+class StepInfo(Step):
+    """A step as the trainer hands it to strategies: the step plus what the run decided for it.
+
+    Attributes:
         seed: a seed derived from the run seed and the step index, for any randomness a strategy
             needs inside this step (buffer sampling, perturbations). Using it keeps resumed runs
             identical to uninterrupted ones.
@@ -43,13 +69,5 @@ class StepInfo:
             set by the trainer, so a strategy can tell whether gradients get rescaled.
     """
 
-    index: int
-    dataset: str
-    modalities: tuple[str, str]
     seed: int
     clip_norm: float | None = None
-
-    @property
-    def key(self) -> str:
-        """Stable identifier of the step, e.g. ``"esc50:text-audio"``."""
-        return f"{self.dataset}:{self.modalities[0]}-{self.modalities[1]}"

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import random
+import os
+
+# One intra-op thread for the tests and every child process they start (set before torch loads):
+# the tests' matrices are tiny, and on a 2-core machine a second thread per process only spins.
+# Children inherit it, so a killed-and-resumed child computes exactly as the test process does.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import random  # noqa: E402
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
+from cmcl.extract.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
 
 TINY = SyntheticConfig(dim=64, scale=0.02, seed=0)
 

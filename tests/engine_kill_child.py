@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from cmcl.extract import engine
+from cmcl.extract import engine, parts
 from cmcl.extract.encoders.filehash import FileHashEncoder
 from cmcl.extract.engine import extract
 
@@ -44,15 +44,15 @@ def killed_run(point: str, root: str, out: str, workers: int = 0) -> None:
                 os._exit(9)
             return orig_savez(fh, **arrays)
         orig_savez = np.savez
-        engine.np.savez = savez
+        parts.np.savez = savez
     elif kind == "after-part":  # right after a part was committed
-        orig_write = engine._write_part
+        orig_write = parts.write_part
 
         def write_part(*a, **k):
             orig_write(*a, **k)
             if hit():
                 os._exit(9)
-        engine._write_part = write_part
+        parts.write_part = write_part
     elif kind == "assemble":  # mid-write of the HDF5 shard itself
         orig_append = engine.FeatureWriter.append
 

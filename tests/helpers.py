@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cmcl.data.paired import PairedFeatures
 
@@ -48,3 +49,25 @@ def run_process(args: list[str], *, timeout: float = 120, env: dict | None = Non
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def noisy_pairs(n: int, d: int, *, noise: float, pair: tuple[str, str], step: int, seed: int = 0) -> PairedFeatures:
+    """Unit-norm pairs whose b side is the a side plus Gaussian noise of scale ``noise`` (before normalising)."""
+    rng = np.random.default_rng(seed)
+    xa = rng.standard_normal((n, d))
+    xb = xa + noise * rng.standard_normal((n, d))
+    xa /= np.linalg.norm(xa, axis=1, keepdims=True)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    return PairedFeatures.from_arrays(xa.astype(np.float32), xb.astype(np.float32), pair, step)
+
+
+def perturbed_learners(modalities: list[str], d: int, scale: float, dtype: torch.dtype = torch.float32):
+    """Learners moved off the identity by ``scale`` x N(0, 1) (seeded), so gradients are generic."""
+    from cmcl.train.learners import ModalityLearners
+
+    torch.manual_seed(0)
+    learners = ModalityLearners(modalities, d).to(dtype)
+    with torch.no_grad():
+        for p in learners.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return learners

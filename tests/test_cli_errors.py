@@ -126,8 +126,6 @@ def test_extract_without_backbone(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- info
-@pytest.mark.xfail(strict=True, reason="lead: click's Path(exists=True) on `info PATH` prints a usage block and "
-                                      "'Error: Invalid value for PATH' (4 lines, no 'cmcl: error:'), not one line")
 def test_info_on_a_missing_path(tmp_path):
     r = invoke("info", tmp_path / "nowhere")
     user_error(r, "nowhere")
@@ -212,9 +210,6 @@ def test_resume_after_the_features_were_re_extracted(small, tmp_path):
     assert (tmp_path / "runs" / "synthetic" / "dns" / "seed-0" / "results.csv").read_bytes() == summary
 
 
-@pytest.mark.xfail(strict=True, reason="lead: the resume fingerprint is file name @ created_utc : row count, so a "
-                                      "shard re-written with the same row count and stamp (e.g. within the same "
-                                      "second, or edited in place) is accepted by --resume")
 def test_resume_after_the_feature_values_changed_in_place(small, tmp_path):
     root, proto = small
     assert train(root, proto, tmp_path / "runs").exit_code == 0

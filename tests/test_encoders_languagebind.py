@@ -14,6 +14,7 @@ from cmcl.errors import EncoderError
 from cmcl.extract.encoders import check_checkpoint, load_encoder
 from cmcl.extract.encoders import preprocess as P
 from cmcl.extract.encoders.languagebind_arch import (
+    LanguageBindConfig,
     build_languagebind,
     large_config,
     merge_lora,
@@ -35,9 +36,9 @@ NAMES = {"image": "LanguageBind_Image", "video": "LanguageBind_Video_FT", "audio
          "depth": "LanguageBind_Depth", "thermal": "LanguageBind_Thermal"}
 
 
-def write_folder(folder, tower, *, fmt="safetensors", seed=0, lora=False, extra=None):
+def write_folder(folder, tower, *, fmt="safetensors", seed=0, lora=False, extra=None, cfg=None):
     """A LanguageBind HF folder with a tiny random tower; returns the network it holds."""
-    cfg = tiny_config(tower)
+    cfg = cfg or tiny_config(tower)
     net = build_languagebind(cfg, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     d = cfg.to_dict()
@@ -260,3 +261,76 @@ def test_random_weight_sizes():
     assert load_encoder("languagebind", random_weights="large", device="cpu").dim == 768
     with pytest.raises(EncoderError, match="unknown --random-weights 'huge'"):
         load_encoder("languagebind", random_weights="huge")
+
+
+# ------------------------------------------------------------------------------ V1.5 video (vl_new)
+def test_v15_video_checkpoint_loads_from_its_config(tmp_path, media):
+    folder = tmp_path / "LanguageBind_Video_V1.5_FT"
+    net, state = write_folder(folder, "video", seed=11, cfg=tiny_config("video", clip_type="vl_new"))
+    assert state["vision_model.embeddings.class_embedding"].shape == (8, 32)  # one class token per frame
+    assert state["vision_model.embeddings.patch_embedding.weight"].shape == (32, 3, 1, 14, 14)  # Conv3d
+    report = check_checkpoint("languagebind", tmp_path)
+    assert report.ok and report.matched == len(state)
+    enc = load_encoder("languagebind", checkpoint=tmp_path, device="cpu", modalities=["video"])
+    x = enc.preprocessor("video")(media["video"])[None]
+    want = torch.nn.functional.normalize(net.embed_vision(x), dim=-1).numpy()
+    assert np.allclose(enc.encode("video", [media["video"]]), want, atol=1e-5)
+    assert enc.reports["video"].ok
+    # the same weights under a config without clip_type: the layout is read from config.json, so
+    # the 3-D patch embedding and the per-frame class tokens no longer fit
+    d = json.loads((folder / "config.json").read_text())
+    del d["vision_config"]["clip_type"]
+    (folder / "config.json").write_text(json.dumps(d))
+    report = check_checkpoint("languagebind", tmp_path)
+    assert sorted(k for k, _, _ in report.mismatched) == [
+        "LanguageBind_Video_V1.5_FT:vision_model.embeddings.class_embedding",
+        "LanguageBind_Video_V1.5_FT:vision_model.embeddings.patch_embedding.weight"]
+
+
+def test_v15_video_gives_each_frame_its_class_token():
+    """Defining property of the V1.5 layout: frame t's tokens start with class token t, and the
+    Conv3d with a one-frame tube is the per-frame Conv2d. With all class rows equal it is the
+    original video tower; changing any single row (not only frame 0's) changes the output."""
+    v1 = build_languagebind(tiny_config("video"), seed=3)
+    v15 = build_languagebind(tiny_config("video", clip_type="vl_new"), seed=4)
+    sd = dict(v1.state_dict())
+    cls2d, conv2d = sd["vision_model.embeddings.class_embedding"], sd["vision_model.embeddings.patch_embedding.weight"]
+    sd["vision_model.embeddings.class_embedding"] = cls2d.repeat(8, 1)
+    sd["vision_model.embeddings.patch_embedding.weight"] = conv2d[:, :, None]
+    v15.load_state_dict(sd)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 224, 224)
+    base = v15.embed_vision(x)
+    assert torch.allclose(base, v1.embed_vision(x), atol=1e-5)
+    for frame in (0, 5):
+        sd2 = dict(sd)
+        cls = sd["vision_model.embeddings.class_embedding"].clone()
+        cls[frame] += torch.randn(32)  # not a constant shift, which pre_layrnorm would remove
+        sd2["vision_model.embeddings.class_embedding"] = cls
+        v15.load_state_dict(sd2)
+        assert not torch.allclose(v15.embed_vision(x), base, atol=1e-3), frame
+    with pytest.raises(ValueError, match=r"takes \(B, C, 8, H, W\)"):
+        v15.embed_vision(torch.randn(1, 3, 4, 224, 224))
+    with pytest.raises(ValueError, match="takes"):
+        v15.embed_vision(torch.randn(1, 3, 224, 224))
+
+
+def test_v15_config_fields_and_refused_layouts(tmp_path):
+    d = tiny_config("video", clip_type="vl_new").to_dict()
+    assert LanguageBindConfig.from_dict(d).vision.per_frame_tokens
+    assert round(sum(p.numel() for p in build_languagebind(large_config("video", "vl_new"), device="meta")
+                     .parameters()) / 1e6, 1) == 528.6  # 7 more class tokens than V1: +7168 parameters
+    other = dict(d, model_type="LanguageBindImage")  # only upstream's video model reads clip_type
+    assert not LanguageBindConfig.from_dict(other).vision.per_frame_tokens
+    d["vision_config"]["tube_size"] = 2
+    with pytest.raises(EncoderError, match="only tube_size 1 is supported"):
+        LanguageBindConfig.from_dict(d)
+    folder = tmp_path / "LanguageBind_Video_V1.5_FT"
+    write_folder(folder, "video", cfg=tiny_config("video", clip_type="vl_new"))
+    (folder / "config.json").write_text(json.dumps(d))
+    with pytest.raises(EncoderError, match=r"LanguageBind_Video_V1.5_FT/config.json: vision_config.tube_size 2") as err:
+        check_checkpoint("languagebind", tmp_path)
+    assert "\n" not in str(err.value)
+    d["vision_config"].update(tube_size=1, add_time_attn=False)
+    with pytest.raises(EncoderError, match="without add_time_attn"):
+        LanguageBindConfig.from_dict(d)

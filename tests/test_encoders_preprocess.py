@@ -12,7 +12,13 @@ from PIL import Image
 
 from cmcl.errors import EncoderError
 from cmcl.extract.encoders import preprocess as P
-from cmcl.extract.encoders.tokenizer import ClipTokenizer
+from cmcl.extract.encoders.tokenizer import (
+    ClipTokenizer,
+    byte_to_unicode,
+    clean_text,
+    hf_basic_clean,
+    hf_clean_text,
+)
 from tests.encoder_fixtures import (
     DOG,
     EOT,
@@ -62,6 +68,50 @@ def test_hf_vocab_gives_the_same_ids_with_eot_padding(tmp_path):
         assert b[n:].eq(EOT).all() and hf.pad_id == EOT
     # argmax (the EOS pooling index) is the same for both paddings
     assert int(gz("hello dog").argmax()) == int(hf("hello dog").argmax()) == 3
+
+
+def byte_symbol_ids(tok, ch):
+    """Ids of the byte symbols of one character (no merges apply in the tiny vocabulary)."""
+    table = byte_to_unicode()
+    syms = [table[b] for b in ch.encode("utf-8")]
+    return [tok.encoder[s] for s in syms[:-1]] + [tok.encoder[syms[-1] + "</w>"]]
+
+
+ENTITY_TEXTS = ["<b>Tom &amp; Jerry</b>", "R&D &notes", "5 &times 3", "&copy 2020"]
+
+
+def test_each_backbone_cleans_text_as_its_upstream_tokenizer():
+    # ImageBind/UniBind (OpenAI SimpleTokenizer): HTML unescaped twice, entities without ';' too
+    assert [clean_text(t) for t in ENTITY_TEXTS] == ["<b>tom & jerry</b>", "r&d \u00aces", "5 \u00d7 3",
+                                                     "\u00a9 2020"]
+    # LanguageBind (HF CLIPTokenizer): ftfy only, which leaves text holding '<' and entities
+    # without ';' alone
+    assert [hf_clean_text(t) for t in ENTITY_TEXTS] == ["<b>tom &amp; jerry</b>", "r&d &notes", "5 &times 3",
+                                                        "&copy 2020"]
+    assert hf_clean_text("Tom &amp;  Jerry\n") == "tom & jerry"  # ftfy unescapes where it is safe
+    assert hf_clean_text("\u00c3\u00a9t\u00e9") == "\u00e9t\u00e9"  # mojibake repaired
+    # without ftfy HF uses BERT's basic clean-up: no unescaping, no repair, CJK ideographs spaced,
+    # control and format characters dropped, NFC
+    assert hf_clean_text("Tom &amp; Jerry", use_ftfy=False) == "tom &amp; jerry"
+    assert hf_basic_clean("Caf\u0065\u0301 \u6771\u4eac\u00a0x\x07y\u200bz\tQ") == "caf\u00e9 \u6771 \u4eac xyz q"
+
+
+def test_hf_cleaning_splits_at_special_tokens_first(tmp_path):
+    folder = write_hf_tokenizer(tmp_path / "tok")
+    hf = ClipTokenizer.from_hf_files(folder / "vocab.json", folder / "merges.txt")
+    gz = ClipTokenizer.from_bpe_gz(write_bpe_gz(tmp_path / "bpe.txt.gz"))
+    assert (hf.cleaning, gz.cleaning) == ("hf", "openai")
+    amp = [256 + ord("&") - 33]
+    assert gz("&amp;amp;")[:3].tolist() == [SOT] + amp + [EOT]
+    assert hf("&amp;amp;")[:3].tolist() == [SOT] + amp + [EOT]  # ftfy unescapes repeatedly where safe
+    assert int(gz("5 &times 3")[2]) == byte_symbol_ids(gz, "\u00d7")[0]  # "5 × 3"
+    assert hf("5 &times 3")[:3].tolist() == [SOT, 256 + ord("5") - 33] + amp
+    # special tokens are cut out before cleaning, so "<" in one piece does not stop ftfy in another
+    assert hf("hello<|endoftext|>dog")[:5].tolist() == [SOT, HELLO, EOT, DOG, EOT]
+    assert hf("<b> &amp;<|endoftext|>&amp;").tolist() == hf("<b> &amp;<|endoftext|>&").tolist()
+    assert hf("<b> &amp;<|endoftext|>&amp;").tolist() != hf("<b> &<|endoftext|>&amp;").tolist()
+    with pytest.raises(EncoderError, match="unknown tokenizer cleaning"):
+        ClipTokenizer(hf.encoder, [], cleaning="bert")
 
 
 def test_tokenizer_is_picklable_and_rejects_bad_files(tmp_path):

@@ -26,10 +26,10 @@ import torch
 from cmcl.data.features import ShardMeta, shard_path, write_split
 from cmcl.data.paired import StepData
 from cmcl.data.protocol import load_protocol
-from cmcl.evaluate.evaluator import EvalSettings, evaluate
+from cmcl.evaluate.evaluator import EvalSettings, score
 from cmcl.evaluate.report import result_matrix, summarize_run, table2
-from cmcl.evaluate.runs import evaluate_runs
-from cmcl.train import checkpoint as ckpt
+from cmcl.data import runs as ckpt
+from cmcl.pipeline import embedder, report as evaluate_runs, rescore_run
 from cmcl.train.learners import ModalityLearners
 
 D = 12
@@ -151,7 +151,7 @@ def test_evaluate_gives_the_hand_computed_recall_and_accuracy(tiny, recall_proto
     root, proto = tiny
     protocol = load_protocol(proto)
     tests = StepData(root, "toy", protocol).test_sets()
-    rows = evaluate(learners_with(J), tests, 2, EvalSettings(recall_protocol))
+    rows = score(embedder(learners_with(J)), tests, 2, EvalSettings(recall_protocol))
     got = as_dict(rows)
     assert set(got) == set(EXPECTED)
     for key, want in EXPECTED.items():
@@ -165,7 +165,7 @@ def test_accuracy_needs_the_prototypes_through_the_text_learner(tiny):
     """With an identity text learner the stored (reversed) prototypes give other, hand-computed, accuracies."""
     root, proto = tiny
     tests = StepData(root, "toy", load_protocol(proto)).test_sets()
-    got = as_dict(evaluate(learners_with(np.eye(D)), tests, 0, EvalSettings("full")))
+    got = as_dict(score(embedder(learners_with(np.eye(D))), tests, 0, EvalSettings("full")))
     # step 1: audio query e_j meets raw prototype rows P @ J, i.e. class PRED1[11 - j]
     raw_pred = [PRED1[11 - j] for j in range(12)]
     assert raw_pred == [0, 2, 1, 2, 1, 0, 2, 1, 0, 2, 1, 0]
@@ -339,7 +339,6 @@ def test_stored_eval_rows_are_the_evaluation_of_the_stored_checkpoints(tiny_cach
     from click.testing import CliRunner
 
     from cmcl.cli import cli
-    from cmcl.evaluate.runs import rescore_run
 
     r = CliRunner().invoke(cli, ["train", "--features", str(tiny_cache), "--backbone", "synthetic", "--protocol",
                                  str(short_protocol), "--runs", str(tmp_path / "runs"), "--epochs", "1", "-q",

@@ -89,6 +89,9 @@ def test_without_margin_and_ridge_the_update_is_the_euclidean_projection_onto_th
     g_tilde = g + g_mem.T @ v
     assert (g_mem @ g_tilde >= -1e-8).all()
     np.testing.assert_allclose(g_tilde, cone_projection_by_enumeration(g_mem, g), atol=1e-8)
+    # and the KKT conditions of the projection hold: v >= 0, G g~ >= 0, v_k (G g~)_k = 0
+    assert (v >= -1e-10).all()
+    np.testing.assert_allclose(v * (g_mem @ g_tilde), 0.0, atol=1e-8)
     assert np.linalg.norm(g_tilde - g) > 0.1     # the problem was violated
 
 

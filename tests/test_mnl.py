@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import cmcl.train.strategies.mnl as mnl_module
-from cmcl.data.paired import PairedFeatures
 from cmcl.train.config import Harness
-from cmcl.train.learners import ModalityLearners
 from cmcl.train.objective import info_nce
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
@@ -19,24 +17,18 @@ from cmcl.train.strategies.mnl import guidance_masks, guided_loss
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 
+from tests.helpers import noisy_pairs, perturbed_learners
+
 D, B = 6, 12
 PAIR = ("text", "audio")
 
 
 def batch(seed=0, n=B):
-    rng = np.random.default_rng(seed)
-    xa = rng.standard_normal((n, D))
-    xb = xa + 0.8 * rng.standard_normal((n, D))
-    return PairedFeatures.from_arrays((xa / np.linalg.norm(xa, axis=1, keepdims=True)).astype(np.float32),
-                                      (xb / np.linalg.norm(xb, axis=1, keepdims=True)).astype(np.float32), PAIR, 1)
+    return noisy_pairs(n, D, noise=0.8, pair=PAIR, step=1, seed=seed)
 
 
 def make(**params):
-    torch.manual_seed(0)
-    learners = ModalityLearners(["text", "audio", "video"], D)
-    with torch.no_grad():
-        for p in learners.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    learners = perturbed_learners(["text", "audio", "video"], D, 0.5)
     s = get_strategy("mnl", **params)
     s.setup(learners, Objective())
     s.before_step(StepInfo(1, "toy", PAIR, 1), batch())

@@ -5,18 +5,17 @@ from __future__ import annotations
 import io
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from cmcl.data.paired import PairedFeatures
 from cmcl.train.config import Harness
-from cmcl.train.learners import ModalityLearners
 from cmcl.train.objective import info_nce
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
+
+from tests.helpers import noisy_pairs, perturbed_learners
 
 D, B = 6, 10
 PAIR = ("text", "audio")
@@ -24,20 +23,11 @@ ADAM = Harness(lr=1e-2, weight_decay=1e-3, decay_bias=True, linear_decay=False, 
 
 
 def batch(seed=0, n=B):
-    rng = np.random.default_rng(seed)
-    xa = rng.standard_normal((n, D))
-    xb = xa + 0.7 * rng.standard_normal((n, D))
-    xa /= np.linalg.norm(xa, axis=1, keepdims=True)
-    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
-    return PairedFeatures.from_arrays(xa.astype(np.float32), xb.astype(np.float32), PAIR, 2)
+    return noisy_pairs(n, D, noise=0.7, pair=PAIR, step=2, seed=seed)
 
 
 def setup(step_index=2, objective=None, **params):
-    torch.manual_seed(0)
-    learners = ModalityLearners(["text", "audio", "video"], D)
-    with torch.no_grad():
-        for p in learners.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    learners = perturbed_learners(["text", "audio", "video"], D, 0.2)
     pnr = get_strategy("pnr", **params)
     pnr.setup(learners, objective or Objective())
     pnr.before_step(StepInfo(step_index, "toy", PAIR, 7), batch())

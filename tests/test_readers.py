@@ -22,7 +22,7 @@ def test_registry_matches_catalog():
     for name, cls in READERS.items():
         assert cls.name == name
         assert cls.modalities == DATASETS[name].modalities
-        assert cls.has_classes == ("acc" in DATASETS[name].metrics)
+        assert cls.has_classes == (DATASETS[name].n_classes > 0)
 
 
 def test_unknown_dataset_and_option(tmp_path):
@@ -41,7 +41,7 @@ def test_parse_reader_options():
     assert parse_reader_options("ucf101", both) == {"split_set": 3}
     assert parse_reader_options("vggsound_s", both) == {"manifest": "m.csv"}
     assert parse_reader_options("llvip", both) == {}
-    with pytest.raises(DatasetError, match="needs an integer"):
+    with pytest.raises(DatasetError, match="split_set expects an integer, got .two."):
         parse_reader_options("ucf101", ["split_set=two"])
     with pytest.raises(DatasetError, match="KEY in none"):
         parse_reader_options("llvip", ["x=1"])

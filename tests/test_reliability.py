@@ -241,7 +241,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_numbers(point, cache, unint
 
 # ------------------------------------------------------------------------------------ full disk, no permission
 def test_a_full_disk_while_writing_a_step_is_one_line_and_resumable(cache, uninterrupted, tmp_path, monkeypatch):
-    from cmcl.train import checkpoint
+    from cmcl.data import runs as checkpoint
 
     root, proto = cache
     runs = tmp_path / "runs"

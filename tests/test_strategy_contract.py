@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmcl.train import checkpoint as ckpt
+from cmcl.data import runs as ckpt
 from cmcl.train.config import Harness, TrainConfig
 from cmcl.train.learners import ModalityLearners
 from cmcl.train.strategies import STRATEGIES, get_strategy, resolve_params
 from cmcl.train.strategies.base import Objective
-from cmcl.train.trainer import fit_step, train_run
+from cmcl.pipeline import train_one
+from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 
 from tests.helpers import random_pairs
@@ -120,7 +121,7 @@ def config(cache, protocol, name, seed=0):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_cache, short_protocol, tmp_path, name):
-    full = train_run(config(tiny_cache, short_protocol, name), tmp_path / "full", keep_states="all")
+    full = train_one(config(tiny_cache, short_protocol, name), tmp_path / "full", keep_states="all")
     part_root = tmp_path / "part"
     part = ckpt.run_dir(part_root, "synthetic", name, 0)
     shutil.copytree(full, part)
@@ -130,7 +131,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_cache, short_proto
     (part / "results.csv").unlink()
     (part / "step-03.tmp").mkdir()
     (ckpt.step_dir(part, 1) / "strategy.pt").unlink()
-    train_run(config(tiny_cache, short_protocol, name), part_root, resume=True)
+    train_one(config(tiny_cache, short_protocol, name), part_root, resume=True)
     wf = load_file(str(ckpt.step_dir(full, 3) / "learners.safetensors"))
     wp = load_file(str(ckpt.step_dir(part, 3) / "learners.safetensors"))
     assert all(torch.equal(wf[k], wp[k]) for k in wf)

@@ -10,13 +10,14 @@ import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.errors import RunError
-from cmcl.train import checkpoint as ckpt
+from cmcl.data import runs as ckpt
 from cmcl.train.config import Harness, TrainConfig
 from cmcl.train.learners import ModalityLearners
 from cmcl.train.objective import info_nce
 from cmcl.train.strategies import resolve_params
 from cmcl.train.strategies.base import Objective, Strategy
-from cmcl.train.trainer import fit_step, train_run
+from cmcl.pipeline import train_one
+from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 
 
@@ -160,8 +161,8 @@ def final_state(run):
 
 
 def test_run_layout_and_same_seed_gives_identical_numbers(tiny_cache, short_protocol, tmp_path):
-    a = train_run(config(tiny_cache, short_protocol), tmp_path / "a")
-    b = train_run(config(tiny_cache, short_protocol), tmp_path / "b")
+    a = train_one(config(tiny_cache, short_protocol), tmp_path / "a")
+    b = train_one(config(tiny_cache, short_protocol), tmp_path / "b")
     assert ckpt.finished_steps(a) == [0, 1, 2, 3]
     for i in (1, 2, 3):
         assert (ckpt.step_dir(a, i) / "eval.csv").is_file() and (ckpt.step_dir(a, i) / "losses.csv").is_file()
@@ -174,17 +175,17 @@ def test_run_layout_and_same_seed_gives_identical_numbers(tiny_cache, short_prot
     wb, rb = final_state(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     np.testing.assert_array_equal(ra["value"].to_numpy(), rb["value"].to_numpy())
-    c = train_run(config(tiny_cache, short_protocol, seed=1), tmp_path / "c")
+    c = train_one(config(tiny_cache, short_protocol, seed=1), tmp_path / "c")
     assert not torch.equal(final_state(c)[0]["layers.text.weight"], wa["layers.text.weight"])
 
 
 def test_resume_with_a_different_config_is_refused(tiny_cache, short_protocol, tmp_path):
-    run = train_run(config(tiny_cache, short_protocol, "vanilla"), tmp_path)
+    run = train_one(config(tiny_cache, short_protocol, "vanilla"), tmp_path)
     with pytest.raises(RunError, match="already exists"):
-        train_run(config(tiny_cache, short_protocol, "vanilla"), tmp_path)
+        train_one(config(tiny_cache, short_protocol, "vanilla"), tmp_path)
     with pytest.raises(RunError, match="differs in epochs"):
         cfg = TrainConfig(**{**config(tiny_cache, short_protocol, "vanilla").to_dict(), "epochs": 3})
-        train_run(cfg, tmp_path, resume=True)
+        train_one(cfg, tmp_path, resume=True)
     before = (run / "results.csv").read_bytes()
-    train_run(config(tiny_cache, short_protocol, "vanilla"), tmp_path, resume=True)  # complete: nothing to do
+    train_one(config(tiny_cache, short_protocol, "vanilla"), tmp_path, resume=True)  # complete: nothing to do
     assert (run / "results.csv").read_bytes() == before

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from cmcl.data.paired import PairedFeatures
 from cmcl.data.protocol import load_protocol
 from cmcl.train.config import Harness
-from cmcl.train.learners import ModalityLearners
 from cmcl.train.objective import info_nce
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
 from cmcl.train.strategies.zo import rule_side
 from cmcl.train.trainer import build_optimizer, fit_step
 from cmcl.types import StepInfo
+
+from tests.helpers import perturbed_learners
 
 ADAM = Harness(lr=1e-2, weight_decay=1e-3, decay_bias=True, linear_decay=False, clip_norm=None)
 
@@ -34,11 +35,7 @@ def pairs(n, d, seed, pair=("text", "audio"), dtype=np.float32, scale_b=1.0):
 
 
 def make(d=4, pair=("text", "audio"), dtype=torch.float32, seed=5, **params):
-    torch.manual_seed(0)
-    learners = ModalityLearners(["text", "audio", "video", "vision"], d).to(dtype)
-    with torch.no_grad():
-        for p in learners.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    learners = perturbed_learners(["text", "audio", "video", "vision"], d, 0.3, dtype)
     zo = get_strategy("zo", **params)
     zo.setup(learners, Objective())
     return learners, zo
@@ -54,7 +51,7 @@ def test_two_point_estimate_is_unbiased_and_sign_estimate_points_along_the_gradi
     v = learners["audio"](data.xb).detach()
     info_nce(F.linear(data.xa, wr, br), v).backward()
     grad = torch.cat([wr.grad.flatten(), br.grad])
-    y = {"a": learners["text"](data.xa), "b": v}
+    y = {"a": learners["text"](data.xa).detach(), "b": v}
     n = 20000
     raw = torch.zeros_like(grad)
     signed = torch.zeros_like(grad)
@@ -75,8 +72,12 @@ def test_two_point_estimate_is_unbiased_and_sign_estimate_points_along_the_gradi
 def test_zo_learner_gets_no_autograd_gradient_and_no_optimizer_state():
     learners, zo = make()
     data = pairs(16, 4, 1)
-    zo.before_step(StepInfo(1, "toy", ("text", "audio"), 3), data)
-    opt = build_optimizer(learners, ADAM)
+    step = StepInfo(1, "toy", ("text", "audio"), 3)
+    zo.before_step(step, data)
+    assert zo.frozen(step) == ("text",)
+    # what the trainer does with a frozen learner (fit_step): out of autograd and of the optimizer
+    learners["text"].requires_grad_(False)
+    opt = build_optimizer(learners, ADAM, frozen=zo.frozen(step))
     w_text, b_text = learners["text"].weight, learners["text"].bias
 
     def closure():
@@ -95,8 +96,10 @@ def test_zo_learner_gets_no_autograd_gradient_and_no_optimizer_state():
     opt.step()
     zo.after_update(data, out)
     assert w_text not in opt.state and b_text not in opt.state and learners["audio"].weight in opt.state
-    zo.after_step(StepInfo(1, "toy", ("text", "audio"), 3), data)
-    assert w_text.requires_grad and b_text.requires_grad
+    # through the trainer: the frozen learner gets its requires_grad back after the step
+    learners2, zo2 = make()
+    fit_step(learners2, zo2, step, data, harness=ADAM, epochs=1, batch_size=8)
+    assert learners2["text"].weight.requires_grad and learners2["text"].bias.requires_grad
 
 
 def test_conservative_update_never_raises_the_batch_loss():
@@ -138,7 +141,7 @@ def test_vision_tower_perturbation_and_step_are_scaled():
         w0 = learners[m].weight.detach().clone()
         with torch.no_grad():
             zo.after_update(data, learners.forward_pairs(data))
-        moved[m] = float((learners[m].weight - w0).norm())
+        moved[m] = float((learners[m].weight.detach() - w0).norm())
     assert moved["video"] / moved["text"] == pytest.approx(0.25, rel=1e-4)
 
 

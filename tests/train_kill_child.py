@@ -18,7 +18,9 @@ def _die() -> None:
 
 
 def install(point: str) -> None:
-    from cmcl.train import checkpoint, trainer
+    from cmcl import pipeline
+    from cmcl.data import runs as checkpoint
+    from cmcl.train import trainer
 
     kind, _, nth = point.partition(":")
     nth = int(nth or 1)
@@ -50,13 +52,17 @@ def install(point: str) -> None:
     elif kind == "strategy":
         checkpoint.torch.save = after(checkpoint.torch.save)
     elif kind == "eval":
-        orig_eval = trainer.evaluate
+        orig_scorer = pipeline.step_scorer
 
-        def evaluate(*args, **kwargs):
-            if hit():
-                _die()
-            return orig_eval(*args, **kwargs)
-        trainer.evaluate = evaluate
+        def step_scorer(plan):
+            score = orig_scorer(plan)
+
+            def killing_score(*args, **kwargs):
+                if hit():
+                    _die()
+                return score(*args, **kwargs)
+            return killing_score
+        pipeline.step_scorer = step_scorer
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

@@ -642,3 +642,34 @@ def list_cache(root: str | os.PathLike) -> list[CacheEntry]:
         split = m.group("split") if m else path.stem
         found.setdefault((backbone, dataset, split), []).append(path)
     return [CacheEntry(b, d, s, tuple(files)) for (b, d, s), files in sorted(found.items())]
+
+
+def describe_shard(path: str | os.PathLike) -> str:
+    """What ``cmcl info FILE`` prints: metadata, sizes, extra attributes, and a full check."""
+    with FeatureShard(path) as shard:
+        m = shard.meta
+        cls = shard.classes()
+        lines = [f"{path}",
+                 f"  schema cmcl.features/1  backbone {m.backbone}  dataset {m.dataset}  split {m.split}",
+                 f"  rows {len(shard)}  dim {m.dim}  modalities {', '.join(m.modalities)}  normalized {m.normalized}",
+                 f"  classes {len(cls[0]) if cls else 0}  text {'yes' if shard.text is not None else 'no'}  "
+                 f"checkpoint {m.checkpoint or '-'}  created {m.created_utc}  cmcl {m.cmcl_version}"]
+        lines += [f"  {k}: {str(v)[:120]}" for k, v in sorted(m.extra.items())]
+        shard.check()
+        lines.append("  check: ok")
+    return "\n".join(lines)
+
+
+def describe_cache(root: str | os.PathLike) -> list[str]:
+    """One line per split of the cache under ``root``: rows, dims, modalities, shard count."""
+    lines = []
+    for e in list_cache(root):
+        rows, dims, mods = 0, set(), ()
+        for f in e.files:
+            with FeatureShard(f) as shard:
+                rows += len(shard)
+                dims.add(shard.meta.dim)
+                mods = shard.meta.modalities
+        lines.append(f"{e.backbone}/{e.dataset}/{e.split}: {rows} rows, dim {','.join(map(str, sorted(dims)))}, "
+                     f"{', '.join(mods)}" + (f" ({len(e.files)} shards)" if len(e.files) > 1 else ""))
+    return lines

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cmcl.data.features import SplitFeatures, open_split
-from cmcl.data.protocol import Protocol, Step
+from cmcl.data.protocol import Protocol, ProtocolStep
 from cmcl.errors import ProtocolError
 
 
@@ -134,7 +134,7 @@ class TestSet:
 
     __test__ = False  # not a pytest class
 
-    step: Step
+    step: ProtocolStep
     xa: np.ndarray
     xb: np.ndarray
     labels: np.ndarray
@@ -174,7 +174,7 @@ class StepData:
         for dataset in self.protocol.datasets:
             self._open(dataset, "train")
 
-    def train(self, step: Step) -> PairedFeatures:
+    def train(self, step: ProtocolStep) -> PairedFeatures:
         """The training pairs of ``step``."""
         if self._train is None or self._train[0] != step.dataset:
             self._train = (step.dataset, self._open(step.dataset, "train"))

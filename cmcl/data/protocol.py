@@ -24,36 +24,16 @@ from importlib import resources
 from pathlib import Path
 
 from cmcl.errors import ProtocolError
-from cmcl.types import check_modality_name
+from cmcl.types import Step, check_modality_name
 
 METRIC_KINDS = ("recall", "acc")
 
 
 @dataclass(frozen=True)
-class Step:
-    """One protocol step.
+class ProtocolStep(Step):
+    """A protocol's step: a :class:`~cmcl.types.Step` and the metric kinds scored on its test split."""
 
-    Attributes:
-        index: 1-based position.
-        dataset: dataset name in the cache.
-        modalities: ordered pair ``(a, b)``.
-        metrics: metric kinds scored on this step's test split.
-    """
-
-    index: int
-    dataset: str
-    modalities: tuple[str, str]
     metrics: tuple[str, ...]
-
-    @property
-    def key(self) -> str:
-        """``"dataset:a-b"``."""
-        return f"{self.dataset}:{self.modalities[0]}-{self.modalities[1]}"
-
-    @property
-    def pair(self) -> str:
-        """``"a-b"``."""
-        return f"{self.modalities[0]}-{self.modalities[1]}"
 
     @property
     def has_recall(self) -> bool:
@@ -71,7 +51,7 @@ class Protocol:
     """An ordered list of steps, with the file it came from and a content hash."""
 
     name: str
-    steps: tuple[Step, ...]
+    steps: tuple[ProtocolStep, ...]
     source: str
     sha256: str
 
@@ -166,6 +146,6 @@ def parse_protocol(raw: bytes, source: str) -> Protocol:
         if (not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics)
                 or not set(metrics) <= set(METRIC_KINDS)):
             raise ProtocolError(f"{where}: metrics must be a non-empty subset of {list(METRIC_KINDS)}, got {metrics!r}")
-        steps.append(Step(i, dataset, (mods[0], mods[1]), tuple(metrics)))
+        steps.append(ProtocolStep(i, dataset, (mods[0], mods[1]), tuple(metrics)))
     name = doc.get("name", Path(source).stem)
     return Protocol(str(name), tuple(steps), source, hashlib.sha256(raw).hexdigest())

@@ -1,25 +1,33 @@
-"""Score learners on every step's test split: one row of the result matrices per call.
+"""Score an embedding map on every step's test split: one row of the result matrices per call.
 
 Rows are long-format records ``(trained_through, eval_step, dataset, pair, direction, metric,
 value)`` with values in percent. Recall@{1,5,10} is reported for ``a2b``, ``b2a`` and their
 ``mean``; zero-shot accuracy (direction ``zero-shot``) matches the non-text side to the class-name
-prototypes, both through their learners.
+prototypes, both through the same map.
+
+The scorer knows nothing of training: it is given ``embed(modality, x) -> outputs`` (the learners,
+wrapped by the application) and, optionally, which modalities changed since its last call. A test
+split none of whose scored modalities changed has the same outputs and therefore the same metrics,
+so its rows are reused exactly instead of recomputed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
-import torch
 
 from cmcl.data.paired import TestSet
 from cmcl.evaluate.retrieval import paired_recall, zero_shot_accuracy
-from cmcl.train.learners import ModalityLearners
+from cmcl.types import RECALL_PROTOCOLS
 
 KS = (1, 5, 10)
-RECALL_PROTOCOLS = ("paper", "full")
+
+#: ``embed(modality, x)``: (N, D) float32 inputs to (N, D) float32 outputs of that modality's map.
+Embed = Callable[[str, np.ndarray], np.ndarray]
+
+__all__ = ["KS", "RECALL_PROTOCOLS", "Embed", "EvalSettings", "Scorer", "score", "scored_modalities"]
 
 
 @dataclass(frozen=True)
@@ -30,42 +38,72 @@ class EvalSettings:
         recall_protocol: ``"paper"`` (mean over seeded pools) or ``"full"`` (whole test set).
         pool_size, pool_count: the paper's 1000 pairs x 5 pools.
         seed: pool seed; the same for every run so strategies are scored on the same pools.
+        use_gpu: search with faiss on the GPU (when faiss-gpu is installed).
     """
 
     recall_protocol: str = "paper"
     pool_size: int = 1000
     pool_count: int = 5
     seed: int = 0
+    use_gpu: bool = False
 
 
-def _outputs(learners: ModalityLearners, modality: str, x: np.ndarray, device: torch.device) -> np.ndarray:
-    with torch.no_grad():
-        return learners(modality, torch.as_tensor(x, device=device)).float().cpu().numpy()
+def scored_modalities(ts: TestSet) -> frozenset[str]:
+    """The modalities whose outputs a test split's metrics depend on."""
+    a, b = ts.step.modalities
+    return frozenset({a, b} | ({"text"} if ts.step.has_acc and ts.class_emb is not None else set()))
 
 
-def evaluate(learners: ModalityLearners, test_sets: Sequence[TestSet], trained_through: int,
-             settings: EvalSettings = EvalSettings()) -> list[dict]:
-    """Evaluate every test set; returns the long-format rows for ``trained_through``."""
-    device = next(learners.parameters()).device
-    use_gpu = device.type == "cuda"
-    rows: list[dict] = []
-    for ts in test_sets:
-        step = ts.step
-        a, b = step.modalities
-        base = {"trained_through": trained_through, "eval_step": step.index, "dataset": step.dataset,
-                "pair": step.pair}
-        ua = _outputs(learners, a, ts.xa, device)
-        vb = _outputs(learners, b, ts.xb, device)
-        if step.has_recall:
-            rec = paired_recall(ua, vb, KS, protocol=settings.recall_protocol, pool_size=settings.pool_size,
-                                pool_count=settings.pool_count, seed=settings.seed + step.index,
-                                use_gpu=use_gpu)
-            for direction, values in rec.items():
-                for k, v in values.items():
-                    rows.append(base | {"direction": direction, "metric": f"R@{k}", "value": 100.0 * v})
-        if step.has_acc and ts.class_emb is not None:
-            query = ua if b == "text" else vb  # the non-text side
-            protos = _outputs(learners, "text", ts.class_emb, device)
-            acc = zero_shot_accuracy(query, protos, ts.labels, use_gpu=use_gpu)
-            rows.append(base | {"direction": "zero-shot", "metric": "acc", "value": 100.0 * acc})
+def _score_one(embed: Embed, ts: TestSet, settings: EvalSettings) -> list[dict]:
+    """Rows of one test split, without ``trained_through``."""
+    step = ts.step
+    a, b = step.modalities
+    base = {"eval_step": step.index, "dataset": step.dataset, "pair": step.pair}
+    ua, vb = embed(a, ts.xa), embed(b, ts.xb)
+    rows = []
+    if step.has_recall:
+        rec = paired_recall(ua, vb, KS, protocol=settings.recall_protocol, pool_size=settings.pool_size,
+                            pool_count=settings.pool_count, seed=settings.seed + step.index,
+                            use_gpu=settings.use_gpu)
+        rows += [base | {"direction": direction, "metric": f"R@{k}", "value": 100.0 * v}
+                 for direction, values in rec.items() for k, v in values.items()]
+    if step.has_acc and ts.class_emb is not None:
+        query = ua if b == "text" else vb  # the non-text side
+        acc = zero_shot_accuracy(query, embed("text", ts.class_emb), ts.labels, use_gpu=settings.use_gpu)
+        rows.append(base | {"direction": "zero-shot", "metric": "acc", "value": 100.0 * acc})
     return rows
+
+
+def score(embed: Embed, test_sets: Sequence[TestSet], trained_through: int,
+          settings: EvalSettings = EvalSettings()) -> list[dict]:
+    """Score every test split once (no reuse); returns the long-format rows for ``trained_through``."""
+    return [{"trained_through": trained_through} | r for ts in test_sets for r in _score_one(embed, ts, settings)]
+
+
+class Scorer:
+    """Score a sequence of models on fixed test splits, reusing what did not change.
+
+    Call it with ``changed=None`` (everything may have changed: the first call always is) or with
+    the set of modalities whose map changed since the previous call; the rows of a split whose
+    scored modalities are all unchanged are copied from the previous call. ``reused`` and
+    ``computed`` count splits, for the record.
+    """
+
+    def __init__(self, test_sets: Sequence[TestSet], settings: EvalSettings = EvalSettings()) -> None:
+        self.test_sets = list(test_sets)
+        self.settings = settings
+        self._last: list[list[dict]] | None = None
+        self.reused = 0
+        self.computed = 0
+
+    def __call__(self, embed: Embed, trained_through: int, changed: Collection[str] | None = None) -> list[dict]:
+        rows: list[list[dict]] = []
+        for i, ts in enumerate(self.test_sets):
+            if self._last is not None and changed is not None and not (scored_modalities(ts) & set(changed)):
+                rows.append(self._last[i])
+                self.reused += 1
+            else:
+                rows.append(_score_one(embed, ts, self.settings))
+                self.computed += 1
+        self._last = rows
+        return [{"trained_through": trained_through} | r for split_rows in rows for r in split_rows]

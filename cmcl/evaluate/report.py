@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,9 @@ RESULT_COLUMNS = ["run", "backbone", "strategy", "seed", "trained_through", "eva
 def result_matrix(rows: pd.DataFrame, metric: str, n_steps: int, direction: str | None = None) -> np.ndarray:
     """The (T + 1, T) matrix ``R[i, j]`` of one metric (NaN where it does not apply or is missing).
 
+    Row ``i`` is "trained through step i" (0: before training), column ``j - 1`` is "scored on step
+    j's test split".
+
     Args:
         rows: long-format eval rows of one run.
         metric: ``"R@1"``, ``"R@5"``, ``"R@10"`` or ``"acc"``.
@@ -28,11 +30,8 @@ def result_matrix(rows: pd.DataFrame, metric: str, n_steps: int, direction: str 
     sel = rows[rows["metric"] == metric]
     if metric != "acc":
         sel = sel[sel["direction"] == (direction or "mean")]
-    R = np.full((n_steps + 1, n_steps), np.nan)
-    for i, j, v in zip(sel["trained_through"], sel["eval_step"], sel["value"]):
-        if 0 <= int(i) <= n_steps and 1 <= int(j) <= n_steps:
-            R[int(i), int(j) - 1] = float(v)
-    return R
+    grid = sel.pivot_table(index="trained_through", columns="eval_step", values="value", aggfunc="last")
+    return grid.reindex(index=range(n_steps + 1), columns=range(1, n_steps + 1)).to_numpy(dtype=float)
 
 
 def summarize_run(rows: pd.DataFrame, n_steps: int) -> dict[str, float]:
@@ -54,38 +53,26 @@ def table2(summaries: pd.DataFrame, order: list[str] | None = None) -> pd.DataFr
         summaries: one row per run with ``backbone``, ``strategy`` and the ``TABLE_METRICS``.
         order: strategy order (the paper's); others follow alphabetically.
     """
-    out = []
-    for (backbone, strategy), grp in summaries.groupby(["backbone", "strategy"], sort=False):
-        row = {"backbone": backbone, "strategy": strategy, "n": len(grp)}
-        for m in TABLE_METRICS:
-            values = grp[m].to_numpy(dtype=float)
-            row[f"{m}_mean"] = float(np.mean(values)) if len(values) else np.nan
-            row[f"{m}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        out.append(row)
-    table = pd.DataFrame(out)
-    if table.empty:
-        return table
+    if summaries.empty:
+        return pd.DataFrame()
+    groups = summaries.groupby(["backbone", "strategy"], sort=False)[list(TABLE_METRICS)]
+    stats = groups.agg(["mean", "std"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    stats[[f"{m}_std" for m in TABLE_METRICS]] = stats[[f"{m}_std" for m in TABLE_METRICS]].fillna(0.0)  # one seed
+    table = stats.assign(n=groups.size()).reset_index()
+    table = table[["backbone", "strategy", "n", *stats.columns]]
     rank = {s: i for i, s in enumerate(order or [])}
-    table["_o"] = [rank.get(s.split("[", 1)[0], len(rank)) for s in table["strategy"]]
-    table = table.sort_values(["backbone", "_o", "strategy"]).drop(columns="_o").reset_index(drop=True)
-    return table
+    base = table["strategy"].str.split("[", n=1, regex=False).str[0]
+    return (table.assign(_o=base.map(rank).fillna(len(rank)))
+            .sort_values(["backbone", "_o", "strategy"]).drop(columns="_o").reset_index(drop=True))
 
 
 def format_table(table: pd.DataFrame) -> str:
     """Table 2 as aligned text with ``mean ± std`` cells."""
-    headers = ["backbone", "strategy", "n", *TABLE_METRICS]
-    body = []
-    for _, r in table.iterrows():
-        cells = [str(r["backbone"]), str(r["strategy"]), str(int(r["n"]))]
-        for m in TABLE_METRICS:
-            mean, std = r[f"{m}_mean"], r[f"{m}_std"]
-            cells.append("—" if np.isnan(mean) else f"{mean:.2f} ± {std:.2f}")
-        body.append(cells)
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+    cells = table[["backbone", "strategy", "n"]].astype({"n": int})
+    for m in TABLE_METRICS:
+        cells[m] = [("—" if np.isnan(a) else f"{a:.2f} ± {b:.2f}") for a, b in zip(table[f"{m}_mean"], table[f"{m}_std"])]
+    return cells.to_string(index=False, justify="left")
 
 
 def heatmaps(results: pd.DataFrame, out_dir: Path, n_steps_by_run: dict[str, int],
@@ -129,8 +116,3 @@ def heatmaps(results: pd.DataFrame, out_dir: Path, n_steps_by_run: dict[str, int
             plt.close(fig)
             written.append(path)
     return written
-
-
-def load_run_header(run: Path) -> dict:
-    """A run's ``config.json``."""
-    return json.loads((run / "config.json").read_text())

@@ -27,7 +27,6 @@ Ranks: under ``torchrun`` the shard and shard count come from ``RANK``/``WORLD_S
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
 import logging
@@ -43,29 +42,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cmcl import __version__
-from cmcl.data.catalog import DATASETS
 from cmcl.data import locks
 from cmcl.data.features import FeatureShard, FeatureWriter, ShardMeta, parse_shard_name, shard_path
 from cmcl.data.readers import DatasetReader, Record, fingerprint, get_reader
 from cmcl.errors import CacheError, ExtractError
+from cmcl.extract import parts
 from cmcl.extract.encoders.base import Encoder
+from cmcl.extract.parts import Failure, failures_path, read_failures
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 1
-FAILURE_FIELDS = ("id", "modality", "path", "error")
 _MISSING = "missing file"
 
 
 # ------------------------------------------------------------------------------------ results
-@dataclass(frozen=True)
-class Failure:
-    """One bad input: the record was left out of the shard."""
-
-    id: str
-    modality: str
-    path: str
-    error: str
+__all__ = ["ExtractResult", "Failure", "describe", "extract", "extract_split", "failures_path", "local_device",
+           "read_failures", "resolve_shard", "shard_bounds", "shard_from_env"]
 
 
 @dataclass
@@ -197,81 +189,11 @@ def _collate(items):
     return positions, tensors, fails
 
 
-# ------------------------------------------------------------------------------------ parts
-def _parts_dir(path: Path) -> Path:
-    return path.with_name(path.name + ".parts")
-
-
-def failures_path(path: Path) -> Path:
-    """The failures manifest beside a shard: ``<stem>.failures.csv``."""
-    return path.with_name(path.stem + ".failures.csv")
-
-
-def _write_part(folder: Path, start: int, end: int, block: dict) -> None:
-    tmp = folder / f"part-{start:09d}.tmp.npz"
-    arrays = {"start": np.int64(start), "end": np.int64(end),
-              "ids": np.asarray(block["ids"], dtype=str), "labels": np.asarray(block["labels"], dtype=np.int64),
-              "failures": np.asarray([json.dumps(f.__dict__) for f in block["failures"]], dtype=str)}
-    if block["text"] is not None:
-        arrays["text"] = np.asarray(block["text"], dtype=str)
-    for m, rows in block["emb"].items():
-        arrays[f"emb/{m}"] = np.concatenate(rows) if rows else np.zeros((0, block["dim"]), np.float32)
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / f"part-{start:09d}.npz")
-
-
-def _read_part(path: Path, modalities: Sequence[str]) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        part = {"start": int(z["start"]), "end": int(z["end"]), "ids": [str(x) for x in z["ids"]],
-                "labels": z["labels"], "text": [str(x) for x in z["text"]] if "text" in z else None,
-                "failures": [Failure(**json.loads(str(s))) for s in z["failures"]],
-                "emb": {m: z[f"emb/{m}"] for m in modalities}}
-    return part
-
-
-def _committed(folder: Path) -> list[Path]:
-    """Committed parts in order, checked to be contiguous from record 0."""
-    parts = sorted(p for p in folder.glob("part-*.npz") if not p.name.endswith(".tmp.npz"))
-    expect = 0
-    for p in parts:
-        with np.load(p, allow_pickle=False) as z:
-            start, end = int(z["start"]), int(z["end"])
-        if start != expect:
-            raise ExtractError(f"{folder}: parts are not contiguous ({p.name} starts at {start}, expected "
-                               f"{expect}); delete the folder or pass --overwrite")
-        expect = end
-    return parts
-
-
-def _part_end(path: Path) -> int:
-    with np.load(path, allow_pickle=False) as z:
-        return int(z["end"])
-
-
 # ------------------------------------------------------------------------------------ engine
 def _json_attr(value: Any) -> Any:
     if isinstance(value, (str, bool, int, float, np.integer, np.floating)):
         return value
     return json.dumps(value, sort_keys=True, default=str)
-
-
-def _write_failures(path: Path, failures: Sequence[Failure]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(FAILURE_FIELDS)
-        for f in failures:
-            w.writerow([f.id, f.modality, f.path, f.error])
-    os.replace(tmp, path)
-
-
-def read_failures(path: str | os.PathLike) -> list[Failure]:
-    """Read a failures manifest written by the engine."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return [Failure(**row) for row in csv.DictReader(fh)]
 
 
 def _check_encoder(encoder: Encoder, modalities: Sequence[str], dataset: str) -> None:
@@ -316,13 +238,13 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
     from tqdm import tqdm
 
     dataset = reader.name
-    modalities = tuple(DATASETS[dataset].modalities) if dataset in DATASETS else tuple(reader.modalities)
+    modalities = tuple(reader.modalities)  # the reader declares what its dataset pairs
     _check_encoder(encoder, modalities, dataset)
     if batch_size < 1 or commit_every < 1:
         raise ExtractError("batch_size and commit_every must be positive")
     commit_every = math.ceil(commit_every / batch_size) * batch_size
     path = shard_path(out, encoder.name, dataset, split, *((shard, num_shards) if num_shards > 1 else ()))
-    parts_dir = _parts_dir(path)
+    parts_dir = parts.parts_dir(path)
     fails_path = failures_path(path)
 
     all_records = reader.records(split)
@@ -332,7 +254,7 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
     records = all_records[lo:hi]
     fp = fingerprint(records)
     identity = {
-        "format": RUN_FORMAT, "dataset": dataset, "split": split, "shard": shard, "num_shards": num_shards,
+        "format": parts.RUN_FORMAT, "dataset": dataset, "split": split, "shard": shard, "num_shards": num_shards,
         "limit": -1 if limit is None else int(limit), "records": len(records), "fingerprint": fp,
         "backbone": encoder.name, "dim": int(encoder.dim), "checkpoint": encoder.checkpoint,
         "encoder_attributes": json.loads(json.dumps(encoder.attributes(), sort_keys=True, default=str)),
@@ -350,9 +272,9 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
             _check_other_forms(out, encoder.name, dataset, split, path)
             if path.exists():
                 if parts_dir.is_dir():  # killed after the shard was moved into place: finish the clean-up
-                    _check_identity(parts_dir / "run.json", identity)
-                    failures = [f for p in _committed(parts_dir) for f in _read_part(p, ())["failures"]]
-                    _write_failures(fails_path, failures)
+                    parts.check_identity(parts_dir / "run.json", identity)
+                    failures = [f for p in parts.committed(parts_dir) for f in parts.read_part(p, ())["failures"]]
+                    parts.write_failures(fails_path, failures)
                     shutil.rmtree(parts_dir)
                     res = _existing(path, fails_path, dataset, split, fp, len(records))
                     res.status, res.resumed_at = "resumed", len(records)
@@ -365,7 +287,7 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
         parts_dir.mkdir(parents=True, exist_ok=True)
         run_file = parts_dir / "run.json"
         if run_file.exists():
-            created = _check_identity(run_file, identity)
+            created = parts.check_identity(run_file, identity)
         else:
             created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             tmp = run_file.with_name("run.json.tmp")
@@ -374,11 +296,11 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
         for stale in parts_dir.glob("*.tmp.npz"):
             stale.unlink()
 
-        parts = _committed(parts_dir)
-        cursor = _part_end(parts[-1]) if parts else 0
+        done = parts.committed(parts_dir)
+        cursor = parts.part_end(done[-1]) if done else 0
         failures: list[Failure] = []
-        for p in parts:
-            failures += _read_part(p, ())["failures"]
+        for p in done:
+            failures += parts.read_part(p, ())["failures"]
         resumed_at = cursor
         if cursor:
             log.info("%s/%s: resuming at record %d of %d", dataset, split, cursor, len(records))
@@ -398,28 +320,13 @@ def extract_split(encoder: Encoder, reader: DatasetReader, split: str, out: str 
         meta = ShardMeta(backbone=encoder.name, dataset=dataset, split=split, dim=int(encoder.dim),
                          modalities=modalities, normalized=True, checkpoint=encoder.checkpoint,
                          cmcl_version=__version__, created_utc=created, extra=extra)
-        _write_failures(fails_path, failures)
+        parts.write_failures(fails_path, failures)
         rows = _assemble(path, meta, parts_dir, modalities, encoder, reader, batch_size)
         shutil.rmtree(parts_dir)
         if failures:
             log.warning("%s/%s: %d input(s) failed and were left out; see %s", dataset, split, n_failed, fails_path)
         return ExtractResult(dataset, split, path, rows, len(records), failures, fails_path,
                              "resumed" if resumed_at else "written", resumed_at)
-
-
-def _check_identity(run_file: Path, identity: Mapping[str, Any]) -> str:
-    """Refuse to resume a run made with other records or settings; returns its start time."""
-    try:
-        before = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExtractError(f"{run_file}: unreadable ({exc}); pass --overwrite to start afresh") from None
-    created = before.pop("created_utc", "")
-    diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
-    if diff:
-        raise ExtractError(f"{run_file.parent} belongs to a run with different {diff} "
-                           f"(was {[before.get(k) for k in diff]}, now {[identity.get(k) for k in diff]}); "
-                           f"pass --overwrite to start afresh")
-    return created
 
 
 def _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fails_path, *, batch_size,
@@ -474,13 +381,13 @@ def _run_batches(encoder, records, modalities, cursor, parts_dir, failures, fail
             bar.update(len(idx))
             n_failed = len({f.id for f in failures}) + len({f.id for f in block["failures"]})
             if n_failed > max_failures:
-                _write_failures(fails_path, failures + block["failures"])
+                parts.write_failures(fails_path, failures + block["failures"])
                 raise ExtractError(f"{n_failed} input(s) failed, more than --max-failures {max_failures}; "
                                    f"they are listed in {fails_path}. Fix them, or raise --max-failures "
                                    f"and run again: the run resumes at record {block['start']}")
             end = idx[-1] + 1
             if end - block["start"] >= commit_every or end == len(records):
-                _write_part(parts_dir, block["start"], end, block)
+                parts.write_part(parts_dir, block["start"], end, block)
                 failures += block["failures"]
                 block = new_block(end)
     finally:
@@ -491,8 +398,8 @@ def _assemble(path: Path, meta: ShardMeta, parts_dir: Path, modalities, encoder,
     """Copy the committed parts into the shard (atomic through ``FeatureWriter``)."""
     rows = 0
     with FeatureWriter(path, meta, overwrite=True, check_blocks=True) as w:
-        for p in _committed(parts_dir):
-            part = _read_part(p, modalities)
+        for p in parts.committed(parts_dir):
+            part = parts.read_part(p, modalities)
             if part["ids"]:
                 w.append(part["ids"], part["labels"], part["emb"], part["text"])
                 rows += len(part["ids"])

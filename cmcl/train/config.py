@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cmcl.errors import ConfigError
-from cmcl.evaluate.evaluator import RECALL_PROTOCOLS
 from cmcl.train.objective import LOSS_DIRECTIONS
+from cmcl.types import RECALL_PROTOCOLS
 
 HARNESSES = ("paper", "reference")
 

@@ -17,14 +17,17 @@ from cmcl.types import check_modality_name
 class PairOutput:
     """Learner outputs of a batch: ``u = f_a(x_a)`` and ``v = f_b(x_b)``, row-aligned with the batch.
 
-    ``grad_scale`` is the factor the trainer multiplied every gradient by after back-propagation
-    (gradient-norm clipping); 1.0 when it did not rescale. Hooks that reason about the raw gradient
-    (DNS's rank-B projection) read it in ``before_update``.
+    The trainer fills in where the batch falls (``epoch``, and ``update``, the update's index within
+    the step, both from 0) and ``grad_scale``, the factor it multiplied every learner gradient by
+    after back-propagation (gradient-norm clipping; 1.0 when it did not rescale). Hooks that reason
+    about the raw gradient (DNS's rank-B projection) read it in ``before_update``.
     """
 
     u: torch.Tensor
     v: torch.Tensor
     grad_scale: float = 1.0
+    epoch: int = 0
+    update: int = 0
 
 
 class _GradInputLinear(torch.autograd.Function):

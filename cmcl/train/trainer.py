@@ -1,7 +1,8 @@
 """The training loop: the only place that zeroes gradients, back-propagates, clips and steps.
 
 :func:`fit_step` trains one protocol step; :func:`train_run` runs a whole protocol for one strategy
-and seed into a run directory (resumable); strategies plug in through the hooks of
+and seed into a run directory (resumable), calling the scorer it is given after each step (this
+package never imports :mod:`cmcl.evaluate`); strategies plug in through the hooks of
 :class:`cmcl.train.strategies.base.Strategy` and the loop never branches on a method or a step.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
-import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from cmcl import __version__
-from cmcl.data import locks
+from cmcl.data import locks, runs
 from cmcl.data.features import FeatureShard, split_files
 from cmcl.data.paired import PairedFeatures, StepData, iter_batches
 from cmcl.data.protocol import Protocol, load_protocol
 from cmcl.errors import RunError
-from cmcl.evaluate.evaluator import EvalSettings, evaluate
-from cmcl.evaluate.report import summarize_run
-from cmcl.train import checkpoint as ckpt
 from cmcl.train.config import Harness, TrainConfig
 from cmcl.train.learners import ModalityLearners
 from cmcl.train.strategies import get_strategy
@@ -45,12 +43,18 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def build_optimizer(learners: ModalityLearners, h: Harness) -> torch.optim.Optimizer:
-    """A fresh optimizer over every learner (learners without a gradient are skipped by it)."""
-    weights = [p for name, p in learners.named_parameters() if not name.endswith("bias")]
-    biases = [p for name, p in learners.named_parameters() if name.endswith("bias")]
-    groups = [{"params": weights, "weight_decay": h.weight_decay},
-              {"params": biases, "weight_decay": h.weight_decay if h.decay_bias else 0.0}]
+def build_optimizer(learners: ModalityLearners, h: Harness, *, frozen: tuple[str, ...] = (),
+                    extra: list[dict[str, Any]] | tuple = ()) -> torch.optim.Optimizer:
+    """A fresh optimizer over every learner but the ``frozen`` ones, plus a strategy's ``extra`` groups.
+
+    Learners without a gradient are skipped by the optimizer. An extra group is a dict with
+    ``params`` and optionally ``lr`` and ``weight_decay`` (default: the harness's).
+    """
+    named = [(n, p) for n, p in learners.named_parameters() if n.split(".")[1] not in frozen]
+    groups = [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": h.weight_decay},
+              {"params": [p for n, p in named if n.endswith("bias")],
+               "weight_decay": h.weight_decay if h.decay_bias else 0.0}]
+    groups += [{"lr": h.lr, "weight_decay": h.weight_decay, **g, "params": list(g["params"])} for g in extra]
     if h.optimizer == "sgd":
         # Decoupled weight decay, as AdamW's, so the two optimizers differ only in the step rule.
         return _DecoupledSGD(groups, lr=h.lr)
@@ -77,6 +81,45 @@ class _DecoupledSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatures, opt, sched, trained, clipped,
+             harness: Harness, *, epochs: int, batch_size: int, gen: torch.Generator, bar) -> list[dict]:
+    """The update loop of one step; returns every update's loss terms."""
+    records: list[dict[str, torch.Tensor]] = []
+    update = 0
+    for epoch in range(epochs):
+        for rows in iter_batches(len(train), batch_size, gen):
+            batch = train.select(rows)
+
+            def closure():
+                for p in trained:
+                    p.grad = None
+                out = learners.forward_pairs(batch)
+                out.epoch, out.update = epoch, update
+                if strategy.output_grads:  # d loss / d u and d v, on out.u.grad and out.v.grad
+                    out.u.retain_grad()
+                    out.v.retain_grad()
+                losses = strategy.losses(batch, out)
+                total_loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
+                if total_loss.requires_grad:  # not when every learner of the batch is frozen
+                    total_loss.backward()
+                return losses, out
+
+            losses, out = strategy.compute_gradients(closure)
+            if harness.clip_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_([p for p in clipped if p.grad is not None], harness.clip_norm)
+                # the factor clip_grad_norm_ applied (same formula), for hooks that need raw gradients
+                out.grad_scale = min(1.0, harness.clip_norm / (float(norm) + 1e-6))
+            strategy.before_update(batch, out)
+            opt.step()
+            sched.step()
+            strategy.after_update(batch, out)
+            records.append({k: v.detach() for k, v in losses.items()})
+            update += 1
+            bar.update(1)
+    bar.close()
+    return records
+
+
 @dataclass
 class StepResult:
     """What :func:`fit_step` measured."""
@@ -96,38 +139,23 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
     n = len(train)
     per_epoch = -(-n // batch_size)
     total = per_epoch * epochs
-    opt = build_optimizer(learners, harness)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda u: max(0.0, (total - u) / total)) if harness.linear_decay else (lambda u: 1.0))
-    params = [p for p in learners.parameters()]
-    gen = torch.Generator().manual_seed(derive_seed(step.seed, 1))
-    records: list[dict[str, torch.Tensor]] = []
-    bar = tqdm(total=total, desc=f"step {step.index} {step.key}", unit="upd", leave=False,
-               disable=not progress, mininterval=0.5)
-    for epoch in range(epochs):
-        for rows in iter_batches(n, batch_size, gen):
-            batch = train.select(rows)
-
-            def closure():
-                learners.zero_grad(set_to_none=True)
-                out = learners.forward_pairs(batch)
-                losses = strategy.losses(batch, out)
-                total_loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
-                total_loss.backward()
-                return losses, out
-
-            losses, out = strategy.compute_gradients(closure)
-            if harness.clip_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], harness.clip_norm)
-                # the factor clip_grad_norm_ applied (same formula), for hooks that need raw gradients
-                out.grad_scale = min(1.0, harness.clip_norm / (float(norm) + 1e-6))
-            strategy.before_update(batch, out)
-            opt.step()
-            sched.step()
-            strategy.after_update(batch, out)
-            records.append({k: v.detach() for k, v in losses.items()})
-            bar.update(1)
-    bar.close()
+    frozen = tuple(strategy.frozen(step))
+    for m in frozen:  # kept out of autograd and of the optimizer for this step
+        learners[m].requires_grad_(False)
+    try:
+        opt = build_optimizer(learners, harness, frozen=frozen, extra=strategy.optimizer_groups(step))
+        decay = (lambda u: max(0.0, (total - u) / total)) if harness.linear_decay else (lambda u: 1.0)
+        # the schedule and the clipping apply to the learners; a strategy's extra groups keep their lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [decay, decay] + [lambda u: 1.0] * (len(opt.param_groups) - 2))
+        trained = [p for g in opt.param_groups for p in g["params"]]
+        clipped = [p for m in learners.modalities if m not in frozen for p in learners[m].parameters()]
+        records = _updates(learners, strategy, train, opt, sched, trained, clipped, harness, epochs=epochs,
+                           batch_size=batch_size, gen=torch.Generator().manual_seed(derive_seed(step.seed, 1)),
+                           bar=tqdm(total=total, desc=f"step {step.index} {step.key}", unit="upd", leave=False,
+                                    disable=not progress, mininterval=0.5))
+    finally:
+        for m in frozen:
+            learners[m].requires_grad_(True)
     keys = sorted({k for r in records for k in r})
     table = {k: torch.stack([r.get(k, torch.tensor(float("nan"))).float().cpu() for r in records]).numpy()
              for k in keys}
@@ -146,25 +174,6 @@ def _git_sha() -> str:
         return ""
 
 
-def feature_fingerprint(cfg: TrainConfig, protocol: Protocol) -> dict[str, Any]:
-    """Which feature files a run was trained on: name, creation stamp, rows, size and modification time.
-
-    The size and modification time catch a file edited in place; a copied cache keeps its
-    fingerprint when the copy keeps modification times (``cp -a``, ``rsync -a``).
-    """
-    out = {}
-    for dataset in protocol.datasets:
-        for split in ("train", "test"):
-            files = split_files(cfg.features, cfg.backbone, dataset, split)
-            stamps = []
-            for f in files:
-                with FeatureShard(f) as shard:
-                    st = f.stat()
-                    stamps.append(f"{f.name}@{shard.meta.created_utc}:{len(shard)}:{st.st_size}:{st.st_mtime_ns}")
-            out[f"{dataset}/{split}"] = stamps
-    return out
-
-
 def _random_weight_warning(cfg: TrainConfig, protocol: Protocol) -> None:
     for dataset in protocol.datasets:
         with FeatureShard(split_files(cfg.features, cfg.backbone, dataset, "train")[0]) as shard:
@@ -173,6 +182,11 @@ def _random_weight_warning(cfg: TrainConfig, protocol: Protocol) -> None:
                 log.warning("%s: features were extracted with randomly initialised weights (%s); "
                             "numbers are meaningless except as a smoke test", shard.path, rw)
                 return
+
+
+#: ``score(learners, trained_through)``: the long-format eval rows of the learners after a step
+#: (``trained_through`` 0: before training). The application wires it to :mod:`cmcl.evaluate`.
+Score = Callable[[ModalityLearners, int], list[dict]]
 
 
 @dataclass
@@ -189,6 +203,14 @@ class RunPlan:
     data: StepData
     fingerprint: dict[str, Any]
 
+    def header(self) -> dict[str, Any]:
+        """The run's ``config.json``: configuration, feature fingerprint, protocol, versions."""
+        p = self.protocol
+        return {"config": self.cfg.to_dict(), "fingerprint": self.cfg.fingerprint(), "features": self.fingerprint,
+                "protocol": {"name": p.name, "source": p.source, "sha256": p.sha256, "steps": [s.key for s in p.steps]},
+                "cmcl_version": __version__, "git_sha": _git_sha(), "torch": torch.__version__,
+                "python": platform.python_version()}
+
 
 def plan_run(cfg: TrainConfig, data: StepData | None = None) -> RunPlan:
     """Validate ``cfg`` (protocol, feature files, strategy parameters, harness) without writing anything."""
@@ -201,61 +223,22 @@ def plan_run(cfg: TrainConfig, data: StepData | None = None) -> RunPlan:
                                                                             protocol.sha256):
         data = StepData(cfg.features, cfg.backbone, protocol)
     data.check()
-    return RunPlan(cfg, protocol, data, feature_fingerprint(cfg, protocol))
+    return RunPlan(cfg, protocol, data, runs.feature_fingerprint(cfg.features, cfg.backbone, protocol.datasets))
 
 
-def _prepare_folder(plan: RunPlan, run: Path, *, resume: bool, overwrite: bool) -> None:
-    """Make ``run`` ready to train into (the caller holds its lock); refuse what would lose work."""
-    cfg = plan.cfg
-    config_path = run / "config.json"
-    if run.exists() and overwrite:
-        shutil.rmtree(run)
-    if config_path.exists():
-        trained = [i for i in ckpt.finished_steps(run) if i >= 1]
-        if not trained:  # a run that never finished a step (a failed start): a plain retry restarts it
-            log.info("%s: no finished step; starting it afresh", run)
-            shutil.rmtree(run)
-        elif not resume:
-            raise RunError(f"{run} already exists; pass --resume to continue it or --overwrite to start over")
-        else:
-            old = ckpt.read_json(config_path)
-            old_cfg = dict(old.get("config", {}))
-            old_cfg.pop("device", None)
-            diff = sorted(k for k in set(old_cfg) | set(cfg.identity())
-                          if old_cfg.get(k) != cfg.identity().get(k))
-            if diff:
-                raise RunError(f"{run}: --resume with a different configuration (differs in {', '.join(diff)}); "
-                               f"use another --runs folder or --overwrite")
-            before = old.get("features") or {}
-            changed = sorted(k for k in set(before) | set(plan.fingerprint) if before.get(k) != plan.fingerprint.get(k))
-            if changed:
-                raise RunError(f"{run}: --resume but the feature files changed since the run started "
-                               f"({', '.join(changed)} under {cfg.features}/{cfg.backbone})")
-    elif run.exists() and any(run.iterdir()):
-        raise RunError(f"{run} exists but has no config.json; remove it or pass --overwrite")
-    run.mkdir(parents=True, exist_ok=True)
-    for tmp in run.glob("*.tmp"):  # leftovers of a step that was killed while being written
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    if not config_path.exists():
-        protocol = plan.protocol
-        ckpt.write_json(config_path, {
-            "config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "features": plan.fingerprint,
-            "protocol": {"name": protocol.name, "source": protocol.source, "sha256": protocol.sha256,
-                         "steps": [s.key for s in protocol.steps]},
-            "cmcl_version": __version__, "git_sha": _git_sha(), "torch": torch.__version__,
-            "python": platform.python_version()})
-
-
-def train_run(cfg: TrainConfig | RunPlan, runs: str | Path, *, resume: bool = False, overwrite: bool = False,
+def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = False, overwrite: bool = False,
               keep_states: str = "last", progress: bool = False) -> Path:
-    """Run the whole protocol for one strategy and seed; returns the run directory.
+    """Run the whole protocol for one strategy and seed into its run folder; returns the folder.
 
-    Everything is validated (:func:`plan_run`) before the run folder is touched, and the folder is
-    locked while the run writes it: a second process on the same run fails at once.
+    Everything was validated by :func:`plan_run` before the folder is touched, and the folder is
+    locked while the run writes it: a second process on the same run fails at once. Each finished
+    step is written atomically with the rows ``score`` gives for it; the run ends with
+    ``results.csv``.
 
     Args:
-        cfg: the resolved configuration, or a plan made from it by :func:`plan_run`.
-        runs: root of run directories.
+        plan: the validated configuration (:func:`plan_run`).
+        root: root of run directories.
+        score: evaluates the learners after each step (and before the first).
         resume: continue a run from its last finished step (its config must match). A run folder
             with no finished step is restarted without it.
         overwrite: delete an existing run directory first.
@@ -263,61 +246,45 @@ def train_run(cfg: TrainConfig | RunPlan, runs: str | Path, *, resume: bool = Fa
             resume or append steps); ``"all"`` keeps every step's.
         progress: show progress bars.
     """
-    plan = cfg if isinstance(cfg, RunPlan) else plan_run(cfg)
-    run = ckpt.run_dir(runs, plan.cfg.backbone, plan.cfg.label or plan.cfg.strategy, plan.cfg.seed)
-    with locks.exclusive(run, "run folder"):
-        _prepare_folder(plan, run, resume=resume, overwrite=overwrite)
-        return _train_locked(plan, run, keep_states=keep_states, progress=progress)
-
-
-def _train_locked(plan: RunPlan, run: Path, *, keep_states: str, progress: bool) -> Path:
     cfg, protocol, data = plan.cfg, plan.protocol, plan.data
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    _random_weight_warning(cfg, protocol)
-    test_sets = data.test_sets()
-    learners = ModalityLearners(protocol.modalities, data.dim).to(device)
-    strategy = get_strategy(cfg.strategy, backbone=None, **cfg.params)
-    strategy.setup(learners, Objective(cfg.temperature, cfg.loss))
-    settings = EvalSettings(cfg.recall_protocol, cfg.pool_size, cfg.pool_count, cfg.eval_seed)
-    h = cfg.resolved_harness()
+    run = runs.run_dir(root, cfg.backbone, cfg.label or cfg.strategy, cfg.seed)
+    with locks.exclusive(run, "run folder"):
+        runs.prepare_run_folder(run, plan.header(), resume=resume, overwrite=overwrite)
+        device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        _random_weight_warning(cfg, protocol)
+        learners = ModalityLearners(protocol.modalities, data.dim).to(device)
+        strategy = get_strategy(cfg.strategy, backbone=None, **cfg.params)
+        strategy.setup(learners, Objective(cfg.temperature, cfg.loss))
+        h = cfg.resolved_harness()
 
-    done = ckpt.finished_steps(run)
-    last = done[-1] if done else -1
-    if last > len(protocol):
-        raise RunError(f"{run}: has step {last} but the protocol has {len(protocol)} steps")
-    if last >= 1:
-        ckpt.load_learners(ckpt.step_dir(run, last) / "learners.safetensors", learners)
-        strategy.load_state_dict(ckpt.load_strategy_state(ckpt.step_dir(run, last) / "strategy.pt"))
-        log.info("%s: resuming after step %d", run, last)
-    if last < 0:
-        ckpt.write_step(run, 0, learners=None, strategy_state=None,
-                        eval_rows=evaluate(learners, test_sets, 0, settings))
-    for step in protocol.steps[max(last, 0):]:
-        info = StepInfo(step.index, step.dataset, step.modalities, derive_seed(cfg.seed, step.index))
-        train = data.train(step).to(device)
-        result = fit_step(learners, strategy, info, train, harness=h, epochs=cfg.epochs,
-                          batch_size=cfg.batch_size, progress=progress)
-        t0 = time.perf_counter()
-        rows = evaluate(learners, test_sets, step.index, settings)
-        metrics = {"step": step.index, "dataset": step.dataset, "pair": step.pair, "n_train": len(train),
-                   "updates": result.updates, "train_seconds": result.seconds,
-                   "eval_seconds": time.perf_counter() - t0,
-                   "mean_losses": {k: float(np.nanmean(result.losses[k])) for k in result.losses.columns
-                                   if k.endswith("_loss")},
-                   "report": strategy.report()}
-        ckpt.write_step(run, step.index, learners=learners, strategy_state=strategy.state_dict(),
-                        eval_rows=rows, losses=result.losses, metrics=metrics)
-        if keep_states == "last":
-            (ckpt.step_dir(run, step.index - 1) / "strategy.pt").unlink(missing_ok=True)
-        log.info("%s step %d/%d %s: %.1fs, loss %.4f", cfg.label or cfg.strategy, step.index, len(protocol),
-                 step.key, result.seconds, sum(metrics["mean_losses"].values()))
-        del train
-    frame = ckpt.read_eval(run)
-    frame.insert(0, "seed", cfg.seed)
-    frame.insert(0, "strategy", cfg.label or cfg.strategy)
-    frame.insert(0, "backbone", cfg.backbone)
-    frame.insert(0, "run", str(run))
-    ckpt.write_csv(run / "results.csv", frame)
-    ckpt.write_json(run / "summary.json", summarize_run(ckpt.read_eval(run), len(protocol)))
+        done = runs.finished_steps(run)
+        last = done[-1] if done else -1
+        if last > len(protocol):
+            raise RunError(f"{run}: has step {last} but the protocol has {len(protocol)} steps")
+        if last >= 1:
+            runs.load_learners(runs.step_dir(run, last) / "learners.safetensors", learners)
+            strategy.load_state_dict(runs.load_strategy_state(runs.step_dir(run, last) / "strategy.pt"))
+            log.info("%s: resuming after step %d", run, last)
+        if last < 0:
+            runs.write_step(run, 0, learners=None, strategy_state=None, eval_rows=score(learners, 0))
+        for step in protocol.steps[max(last, 0):]:
+            info = StepInfo(step.index, step.dataset, step.modalities, derive_seed(cfg.seed, step.index))
+            train = data.train(step).to(device)
+            result = fit_step(learners, strategy, info, train, harness=h, epochs=cfg.epochs,
+                              batch_size=cfg.batch_size, progress=progress)
+            t0 = time.perf_counter()
+            rows = score(learners, step.index)
+            losses = {k: float(np.nanmean(result.losses[k])) for k in result.losses.columns if k.endswith("_loss")}
+            metrics = {"step": step.index, "dataset": step.dataset, "pair": step.pair, "n_train": len(train),
+                       "updates": result.updates, "train_seconds": result.seconds,
+                       "eval_seconds": time.perf_counter() - t0, "mean_losses": losses, "report": strategy.report()}
+            runs.write_step(run, step.index, learners=learners, strategy_state=strategy.state_dict(),
+                            eval_rows=rows, losses=result.losses, metrics=metrics)
+            if keep_states == "last":
+                (runs.step_dir(run, step.index - 1) / "strategy.pt").unlink(missing_ok=True)
+            log.info("%s step %d/%d %s: %.1fs, loss %.4f", cfg.label or cfg.strategy, step.index, len(protocol),
+                     step.key, result.seconds, sum(losses.values()))
+            del train
+        runs.write_results(run)
     return run

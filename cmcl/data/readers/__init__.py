@@ -19,6 +19,7 @@ from cmcl.data.readers.tvl import TVL
 from cmcl.data.readers.ucf101 import UCF101
 from cmcl.data.readers.vggsound_s import VGGSoundS
 from cmcl.errors import DatasetError
+from cmcl.keyvalue import coerce, parse_value, split_assignment
 
 #: dataset name -> reader class (literal, in protocol order).
 READERS: dict[str, type[DatasetReader]] = {
@@ -42,7 +43,8 @@ def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
     """Turn CLI ``KEY=VALUE`` strings into reader options, typed like each option's default.
 
     ``DATASET.KEY=VALUE`` applies to that dataset only (other datasets ignore it), so one command
-    line can carry options for several datasets.
+    line can carry options for several datasets. Values are parsed as ``-p`` values are
+    (:mod:`cmcl.keyvalue`); paths and names stay as typed.
 
     Example: ``parse_reader_options("vggsound_s", ["manifest=subset.csv", "ucf101.split_set=2"])``
     gives ``{"manifest": "subset.csv"}``.
@@ -53,26 +55,26 @@ def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
     allowed = reader_options(name)
     out: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        scope, dot, rest = key.partition(".")
-        if dot and scope in READERS:
+        try:
+            scope, key, value = split_assignment(pair)
+        except ValueError:
+            scope, key, value = None, "", ""
+        if scope is not None and scope in READERS:
             if scope != name:
                 continue
-            key = rest
-        if not sep or key not in allowed:
+        elif scope is not None:
+            key = f"{scope}.{key}"
+        if key not in allowed:
             raise DatasetError(f"{name}: bad reader option {pair!r}; "
                                f"expected KEY=VALUE with KEY in {allowed or 'none'}")
         default = params[key].default
-        if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, int):
-            try:
-                out[key] = int(value)
-            except ValueError:
-                raise DatasetError(f"{name}: reader option {key} needs an integer, got {value!r}") from None
-        else:
+        if default is None or isinstance(default, str):  # paths and names stay as typed
             out[key] = value
+            continue
+        try:
+            out[key] = coerce(parse_value(value), default)
+        except ValueError as exc:
+            raise DatasetError(f"{name}: reader option {key} {exc}") from None
     return out
 
 

@@ -104,12 +104,13 @@ def find_bpe(given: str | os.PathLike | None, checkpoint: Path | None) -> Path |
     return None
 
 
-def byte_level_tokenizer(context_length: int = 77) -> ClipTokenizer:
-    """A merge-free CLIP vocabulary (512 byte symbols + SOT + EOT), for random-weight smoke tests."""
+def byte_level_tokenizer(context_length: int = 77, **kw: Any) -> ClipTokenizer:
+    """A merge-free CLIP vocabulary (512 byte symbols + SOT + EOT), for random-weight smoke tests;
+    ``kw`` goes to :class:`ClipTokenizer` (``cleaning``, ``pad_id``)."""
     chars = list(byte_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return ClipTokenizer({t: i for i, t in enumerate(vocab)}, [], context_length=context_length,
-                         source="byte-level (no merges; random-weights smoke test only)")
+                         source="byte-level (no merges; random-weights smoke test only)", **kw)
 
 
 class ImageBindEncoder(Encoder):
@@ -245,6 +246,7 @@ class ImageBindEncoder(Encoder):
             "preprocessing": json.dumps(asdict(self.prep), sort_keys=True),
             "tokenizer": self.tokenizer.source,
             "tokenizer_ftfy": bool(self.tokenizer.use_ftfy),
+            "tokenizer_cleaning": self.tokenizer.cleaning,
             "fp16": self.dtype == torch.float16,
             "output": "upstream postprocessing and clip mean, then L2-renormalised",
         }

@@ -79,8 +79,14 @@ def tower_of_config(cfg: LanguageBindConfig, folder: Path) -> str:
 def read_config(folder: Path) -> LanguageBindConfig:
     path = folder / "config.json"
     try:
-        return LanguageBindConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
+        raise EncoderError(f"{path}: cannot read the LanguageBind config ({exc})") from None
+    try:
+        return LanguageBindConfig.from_dict(d)
+    except EncoderError as exc:
+        raise EncoderError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
         raise EncoderError(f"{path}: cannot read the LanguageBind config ({exc})") from None
 
 
@@ -182,7 +188,7 @@ class LanguageBindEncoder(Encoder):
         text_cfg = read_config(self.text_folder) if self.text_folder and not random_weights else self.configs[text_source]
         self.dim = text_cfg.projection_dim
         self.checkpoint = checkpoint
-        self.tokenizer = tokenizer or byte_level_tokenizer()
+        self.tokenizer = tokenizer or byte_level_tokenizer(cleaning="hf")
         for tower, cfg in self.configs.items():
             if cfg.projection_dim != self.dim:
                 raise EncoderError(f"languagebind: {self.folders.get(tower, tower)} projects to {cfg.projection_dim} "
@@ -341,6 +347,7 @@ class LanguageBindEncoder(Encoder):
             "preprocessing": json.dumps(prep, sort_keys=True),
             "tokenizer": self.tokenizer.source,
             "tokenizer_ftfy": bool(self.tokenizer.use_ftfy),
+            "tokenizer_cleaning": self.tokenizer.cleaning,
             "text_checkpoint": str(self.text_folder or f"{self.random_weights}:{self.text_source}"),
             "tower_checkpoints": json.dumps({t: str(f) for t, f in self.folders.items()}, sort_keys=True),
             "fp16": self.dtype == torch.float16,

@@ -8,7 +8,12 @@ below reproduce those keys so the files load strictly. Two LanguageBind-specific
 * video towers (``add_time_attn``) add, in every vision layer, a ``temporal_embedding`` and a
   ``temporal_attn`` (with ``temporal_layer_norm1``) over the frames of each patch position, and
   average the pooled, post-normed CLS over frames;
-* audio towers see a 3-channel (mel bins x frames) "image" and have a non-square position table.
+* audio towers see a 3-channel (mel bins x frames) "image" and have a non-square position table;
+* V1.5 video towers (``vision_config.clip_type == "vl_new"``, upstream's ``CLIPVisionEmbeddings3D``)
+  embed patches with a Conv3d of kernel ``(tube_size, p, p)`` and give every frame its own class
+  token (``class_embedding`` of shape ``(num_frames // tube_size, width)``). Upstream's forward
+  only runs with ``tube_size == 1`` (its temporal attention and pooling count ``num_frames``
+  tokens per sample), so other tube sizes are refused.
 
 LoRA checkpoints (peft-wrapped ``vision_model.encoder``) are merged into plain weights on load by
 :func:`merge_lora`.
@@ -57,6 +62,8 @@ class VisionConfig:
     target_length: int = 0
     lora_r: int = 0
     lora_alpha: int = 16
+    clip_type: str = "vl"
+    tube_size: int = 1
     max_depth: float = 10.0
     audio_sample_rate: int = 16000
     audio_mean: float = -4.2677393
@@ -69,6 +76,11 @@ class VisionConfig:
             return self.num_mel_bins // self.patch_size, self.target_length // self.patch_size
         size = self.image_size[0] if isinstance(self.image_size, (list, tuple)) else self.image_size
         return size // self.patch_size, size // self.patch_size
+
+    @property
+    def per_frame_tokens(self) -> bool:
+        """The V1.5 video layout: Conv3d patches and one class token per frame (``vl_new``)."""
+        return self.add_time_attn and self.clip_type == "vl_new"
 
 
 @dataclass(frozen=True)
@@ -89,8 +101,26 @@ class LanguageBindConfig:
         vision = dict(d.get("vision_config") or {})
         if isinstance(vision.get("image_size"), (list, tuple)):
             vision["image_size"] = int(vision["image_size"][0])
-        return cls(text=pick(TextConfig, d.get("text_config")), vision=pick(VisionConfig, vision),
-                   projection_dim=int(d.get("projection_dim", 512)), model_type=str(d.get("model_type", "")))
+        model_type = str(d.get("model_type", ""))
+        if model_type != "LanguageBindVideo":
+            vision.pop("clip_type", None)  # only upstream's video model reads it
+            vision.pop("tube_size", None)
+        vision["clip_type"] = "vl_new" if vision.get("clip_type") == "vl_new" else "vl"  # upstream's test
+        cfg = cls(text=pick(TextConfig, d.get("text_config")), vision=pick(VisionConfig, vision),
+                  projection_dim=int(d.get("projection_dim", 512)), model_type=model_type)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Refuse layouts upstream cannot run either."""
+        v = self.vision
+        if v.clip_type == "vl_new" and not v.add_time_attn:
+            raise EncoderError("vision_config.clip_type 'vl_new' without add_time_attn: upstream LanguageBind "
+                               "builds no patch embedding for that combination")
+        if v.per_frame_tokens and (int(v.tube_size) != 1 or v.num_frames < 1):
+            raise EncoderError(f"vision_config.tube_size {v.tube_size} (num_frames {v.num_frames}): only "
+                               f"tube_size 1 is supported; upstream LanguageBind's video forward groups "
+                               f"num_frames tokens per sample and fails for larger tubes")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, "projection_dim": self.projection_dim,
@@ -213,22 +243,50 @@ class _VisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight[None]
 
 
+class _VisionEmbeddings3D(nn.Module):
+    """V1.5 video embeddings (``clip_type="vl_new"``): Conv3d patches, one class token per frame,
+    the spatial position table shared by all frames."""
+
+    def __init__(self, c: VisionConfig) -> None:
+        super().__init__()
+        gh, gw = c.grid
+        self.frames = c.num_frames // c.tube_size
+        self.class_embedding = nn.Parameter(torch.randn(self.frames, c.hidden_size) * c.hidden_size ** -0.5)
+        kernel = (c.tube_size, c.patch_size, c.patch_size)
+        self.patch_embedding = nn.Conv3d(c.num_channels, c.hidden_size, kernel, kernel, bias=False)
+        self.position_embedding = nn.Embedding(gh * gw + 1, c.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B*T, 1 + patches, width), frames of one sample consecutive."""
+        if x.ndim != 5 or x.shape[2] != self.frames:
+            raise ValueError(f"input of shape {tuple(x.shape)}: this video tower takes (B, C, {self.frames}, H, W)")
+        patches = self.patch_embedding(x).flatten(3).permute(0, 2, 3, 1)  # (B, T, patches, width)
+        if patches.shape[2] + 1 != self.position_embedding.num_embeddings:
+            raise ValueError(f"input of shape {tuple(x.shape)} gives {patches.shape[2]} patches per frame, "
+                             f"the model expects {self.position_embedding.num_embeddings - 1}")
+        cls = self.class_embedding[None, :, None].expand(x.shape[0], -1, -1, -1)
+        tokens = torch.cat([cls, patches], dim=2) + self.position_embedding.weight
+        return tokens.reshape(-1, *tokens.shape[2:])
+
+
 class _VisionTransformer(nn.Module):
     def __init__(self, c: VisionConfig) -> None:
         super().__init__()
-        self.embeddings = _VisionEmbeddings(c)
+        self.embeddings = _VisionEmbeddings3D(c) if c.per_frame_tokens else _VisionEmbeddings(c)
         self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # sic: HF's spelling
         self.encoder = _Encoder(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
                                 c.hidden_act, c.layer_norm_eps, frames=c.num_frames if c.add_time_attn else 0)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 5:  # (B, C, T, H, W) video
-            b, t = x.shape[0], x.shape[2]
-            x = x.transpose(1, 2).reshape(b * t, *x.shape[1:2], *x.shape[3:])
+        b, t = x.shape[0], (x.shape[2] if x.ndim == 5 else 1)
+        if isinstance(self.embeddings, _VisionEmbeddings3D):
+            tokens = self.embeddings(x)
         else:
-            b, t = x.shape[0], 1
-        h = self.encoder(self.pre_layrnorm(self.embeddings(x)))
+            if x.ndim == 5:  # (B, C, T, H, W) video -> (B*T, C, H, W) frames
+                x = x.transpose(1, 2).reshape(b * t, *x.shape[1:2], *x.shape[3:])
+            tokens = self.embeddings(x)
+        h = self.encoder(self.pre_layrnorm(tokens))
         pooled = self.post_layernorm(h[:, 0])
         return pooled.reshape(b, t, -1).mean(1)
 
@@ -255,6 +313,7 @@ class LanguageBindNet(nn.Module):
 
 def build_languagebind(cfg: LanguageBindConfig, *, device: str | torch.device = "cpu",
                        seed: int | None = 0) -> LanguageBindNet:
+    cfg.validate()
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
     with torch.device(device):
@@ -292,31 +351,35 @@ def merge_lora(state: Mapping[str, torch.Tensor], alpha: float | None = None) ->
     return plain, len(lora)
 
 
-def _config(kind: str, text: TextConfig, vision: dict, projection_dim: int) -> LanguageBindConfig:
-    """A LanguageBind tower configuration; video adds temporal attention, audio its mel geometry."""
+def _config(kind: str, text: TextConfig, vision: dict, projection_dim: int,
+            clip_type: str = "vl") -> LanguageBindConfig:
+    """A LanguageBind tower configuration; video adds temporal attention (and, with
+    ``clip_type="vl_new"``, the V1.5 per-frame embeddings), audio its mel geometry."""
     vision = dict(vision, patch_size=14, image_size=224, hidden_act="gelu")
     if kind == "video":
-        vision.update(add_time_attn=True, num_frames=8)
+        vision.update(add_time_attn=True, num_frames=8, clip_type=clip_type, tube_size=1)
     if kind == "audio":
         vision.update(num_mel_bins=112, target_length=1036)
     return LanguageBindConfig(text=text, vision=VisionConfig(**vision), projection_dim=projection_dim,
                               model_type=f"LanguageBind{kind.capitalize()}")
 
 
-def tiny_config(kind: str) -> LanguageBindConfig:
-    """Tiny configurations of the five towers (text/vision width 32, 1 layer, 2 heads, projection 16)."""
+def tiny_config(kind: str, clip_type: str = "vl") -> LanguageBindConfig:
+    """Tiny configurations of the five towers (text/vision width 32, 1 layer, 2 heads, projection 16);
+    ``clip_type="vl_new"`` gives the V1.5 video layout."""
     text = TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       hidden_act="gelu")
     return _config(kind, text, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=2), 16)
+                                    num_attention_heads=2), 16, clip_type)
 
 
-def large_config(kind: str) -> LanguageBindConfig:
-    """The released Large configuration (ViT-L/14 vision, 768-wide text, projection 768)."""
+def large_config(kind: str, clip_type: str = "vl") -> LanguageBindConfig:
+    """The released Large configuration (ViT-L/14 vision, 768-wide text, projection 768);
+    ``clip_type="vl_new"`` gives the V1.5 video layout."""
     text = TextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       hidden_act="gelu")
     return _config(kind, text, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                    num_attention_heads=16), 768)
+                                    num_attention_heads=16), 768, clip_type)
 
 
 def param_count(cfg: LanguageBindConfig) -> int:

@@ -7,10 +7,10 @@ subclass and listing it here; the trainer is never edited.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, Mapping
 
 from cmcl.errors import ConfigError
+from cmcl.keyvalue import coerce
 from cmcl.train.strategies.base import Objective, Strategy
 from cmcl.train.strategies.cflat import CFlat
 from cmcl.train.strategies.cila import CILA
@@ -20,6 +20,7 @@ from cmcl.train.strategies.derpp import DERpp
 from cmcl.train.strategies.dns import DNS
 from cmcl.train.strategies.ewc import EWC
 from cmcl.train.strategies.gem import GEM
+from cmcl.train.strategies.gnsp import GNSP
 from cmcl.train.strategies.mnl import MNL
 from cmcl.train.strategies.pnr import PNR
 from cmcl.train.strategies.vanilla import Vanilla
@@ -39,6 +40,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "pnr": PNR,
     "zo": ZO,
     "mnl": MNL,
+    # DNS's closest newer relative (issue 10)
+    "gnsp": GNSP,
 }
 
 #: The paper's Table 2 order; strategies not listed follow alphabetically.
@@ -89,27 +92,10 @@ def resolve_params(name: str, params: Mapping[str, Any], backbone: str | None = 
 
 
 def _typed(strategy: str, key: str, default: Any, value: Any) -> Any:
-    """Check ``value`` against the type of the parameter's default (ints are accepted for floats)."""
-    def fail(kind: str) -> ConfigError:
-        return ConfigError(f"strategy {strategy!r}: parameter {key} expects {kind}, got {value!r}")
-
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise fail("true or false")
-        return value
-    if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail("a number")
-        if isinstance(default, int) and not isinstance(value, int):
-            raise fail("an integer")
-        if not math.isfinite(value):
-            raise fail("a finite number")
-        return float(value) if isinstance(default, float) else value
-    if isinstance(default, str) and not isinstance(value, str):
-        raise fail("a string")
-    return value
+    try:
+        return coerce(value, default)
+    except ValueError as exc:
+        raise ConfigError(f"strategy {strategy!r}: parameter {key} {exc}") from None
 
 
 def get_strategy(name: str, backbone: str | None = None, **params: Any) -> Strategy:
@@ -119,7 +105,6 @@ def get_strategy(name: str, backbone: str | None = None, **params: Any) -> Strat
         strategy = STRATEGIES[name](**resolved)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"strategy {name!r}: {exc}") from None
-    strategy._hparams = resolved
     return strategy
 
 

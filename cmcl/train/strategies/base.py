@@ -4,17 +4,20 @@ The trainer (:mod:`cmcl.train.trainer`) runs, for every protocol step::
 
     strategy.before_step(step, data)            # projectors, teacher snapshot, coefficients
     train = strategy.training_set(step, data)   # default: data; replay methods add their buffer
-    fresh optimizer and scheduler
+    fresh optimizer and scheduler over the learners but strategy.frozen(step), plus
+        strategy.optimizer_groups(step) (parameters a strategy trains, e.g. PNR's predictors)
     for each epoch, for each batch of `train`:
         losses, out = strategy.compute_gradients(closure)   # default: closure() once
-        clip gradients (reference harness)
+        clip the learners' gradients (reference harness); out.grad_scale is the factor applied
         strategy.before_update(batch, out)      # the only hook that edits .grad (in place)
         optimizer.step(); scheduler.step()
         strategy.after_update(batch, out)       # e.g. reservoir insertion
     strategy.after_step(step, data)             # covariances, Fisher, buffer fill
-    evaluation of every step's test split
+    the run scores every step's test split
 
-The closure zeroes gradients (``set_to_none=True``), runs ``learners.forward_pairs(batch)``, calls
+The closure clears the optimizer's gradients, runs ``learners.forward_pairs(batch)`` (``out.epoch``
+and ``out.update`` say where in the step the batch falls; with ``output_grads`` the trainer keeps
+``out.u.grad`` and ``out.v.grad``, the loss's gradients with respect to the outputs), calls
 ``strategy.losses(batch, out)`` and back-propagates the sum of the returned ``*_loss`` terms.
 
 Rules every strategy follows (checked by ``tests/test_strategy_contract.py``): hooks never step the
@@ -62,6 +65,8 @@ class Strategy:
     name: ClassVar[str] = ""
     #: Per-backbone overrides of hyperparameter defaults (e.g. DNS's ``lambda_min``).
     backbone_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: Whether hooks read ``out.u.grad`` / ``out.v.grad`` (the trainer then retains them).
+    output_grads: ClassVar[bool] = False
 
     def setup(self, learners: ModalityLearners, objective: Objective) -> None:
         """Called once before the first step; stores references."""
@@ -74,6 +79,15 @@ class Strategy:
     def training_set(self, step: StepInfo, data: PairedFeatures) -> PairedFeatures:
         """The rows batched during ``step`` (default: the step's own data)."""
         return data
+
+    def frozen(self, step: StepInfo) -> tuple[str, ...]:
+        """Learners the trainer keeps out of autograd and of its optimizer during ``step``."""
+        return ()
+
+    def optimizer_groups(self, step: StepInfo) -> list[dict[str, Any]]:
+        """Extra parameter groups the trainer's optimizer trains during ``step``: dicts with
+        ``params`` and optionally ``lr`` and ``weight_decay``; not clipped, not scheduled."""
+        return []
 
     def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
         """Loss terms of a batch; every key ends in ``_loss`` and the trainer sums them."""
@@ -104,12 +118,3 @@ class Strategy:
         """Restore :meth:`state_dict`."""
         if state:
             raise ValueError(f"strategy {self.name!r} has no state, got keys {sorted(state)}")
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The resolved hyperparameters (recorded in the run's config)."""
-        return dict(getattr(self, "_hparams", {}))
-
-
-def active_params(learners: ModalityLearners, modalities: tuple[str, ...]) -> list[torch.nn.Parameter]:
-    """Weight and bias of the learners of ``modalities``."""
-    return [p for m in modalities for p in learners[m].parameters()]

@@ -100,13 +100,9 @@ class MNL(Strategy):
         self.reduction = reduction
         self.warmup_epochs = int(warmup_epochs)
         self.base = base
-        self._rows_per_epoch = 0
-        self._rows_seen = 0
         self._sums = {"a2b": 0.0, "b2a": 0.0, "rows": 0.0}
 
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
-        self._rows_per_epoch = len(data)   # the trainer batches `data` itself (no training_set override)
-        self._rows_seen = 0
         self._sums = {"a2b": 0.0, "b2a": 0.0, "rows": 0.0}
 
     def base_loss(self, s: torch.Tensor | None, out: PairOutput) -> torch.Tensor:
@@ -136,11 +132,9 @@ class MNL(Strategy):
         return total / (n if self.reduction == "per_sample" else n * n), a2b, b2a
 
     def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
-        epoch = self._rows_seen // self._rows_per_epoch if self._rows_per_epoch else 0
-        self._rows_seen += len(batch)
         s = out.u @ out.v.T / self.objective.temperature if self.base == "paper" else None
         losses = {"contrastive_loss": self.base_loss(s, out)}
-        if epoch < self.warmup_epochs or (self.weight == 0 and self.ce_weight == 0):
+        if out.epoch < self.warmup_epochs or (self.weight == 0 and self.ce_weight == 0):
             return losses
         term, a2b, b2a = self.guidance(out, s)
         self._sums["a2b"] += float(a2b.sum())

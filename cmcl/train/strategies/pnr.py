@@ -20,9 +20,9 @@ the translation from two augmented views of an image to the two modalities of a 
 
 The optional predictor (``linear``: identity-initialised ``Linear(d, d)``; ``mlp``: the code's
 ``Linear(d, hidden) → BatchNorm → ReLU → Linear(hidden, d)``) is one module per modality, created at
-its first use and carried across steps. The trainer's optimizer only holds the learners, so PNR
-trains its predictors with a private AdamW (``predictor_lr``, ``predictor_weight_decay``), rebuilt
-at every step like the trainer's, stepped in ``after_update`` (no clipping, no schedule).
+its first use and carried across steps. PNR hands them to the trainer's optimizer as an extra
+parameter group (``predictor_lr``, ``predictor_weight_decay``; not clipped, not scheduled), rebuilt at
+every step like the rest of the optimizer.
 """
 
 from __future__ import annotations
@@ -141,13 +141,13 @@ class PNR(Strategy):
         self.predictors = nn.ModuleDict()
         self._old: dict[str, nn.Linear] = {}
         self._pair: tuple[str, str] | None = None
-        self._opt: torch.optim.Optimizer | None = None
+        self._train_predictors = False
         self._sums: dict[str, float] = {}
         self._count = 0
 
     # ------------------------------------------------------------------ step boundaries
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
-        self._old, self._opt, self._sums, self._count = {}, None, {}, 0
+        self._old, self._train_predictors, self._sums, self._count = {}, False, {}, 0
         self._pair = step.modalities
         if step.index <= 1 and not self.regularise_first_step:
             return
@@ -165,11 +165,16 @@ class PNR(Strategy):
                     torch.manual_seed(step.seed)
                     self.predictors[m] = _predictor(self.predictor, self.learners.dim, self.predictor_hidden)
             self.predictors[m].to(device).train()
+        self._train_predictors = True
+
+    def optimizer_groups(self, step: StepInfo) -> list[dict[str, Any]]:
+        if not self._train_predictors:
+            return []
         params = [p for m in step.modalities for p in self.predictors[m].parameters()]
-        self._opt = torch.optim.AdamW(params, lr=self.predictor_lr, weight_decay=self.predictor_weight_decay)
+        return [{"params": params, "lr": self.predictor_lr, "weight_decay": self.predictor_weight_decay}]
 
     def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
-        self._old, self._opt = {}, None
+        self._old, self._train_predictors = {}, False
         for module in self.predictors.values():
             module.zero_grad(set_to_none=True)
 
@@ -206,18 +211,13 @@ class PNR(Strategy):
         return losses
 
     def _predict(self, m: str, z: torch.Tensor) -> torch.Tensor:
-        return self.predictors[m](z) if self._opt is not None else z
+        return self.predictors[m](z) if self._train_predictors else z
 
     def _check_pair(self, batch: PairedFeatures) -> tuple[str, str]:
         pair = batch.single_pair
         if pair is None or pair != tuple(self._pair):
             raise ValueError(f"PNR trains the step's pair {self._pair}; got a batch of {pair or 'mixed pairs'}")
         return pair
-
-    def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
-        if self._opt is not None:
-            self._opt.step()
-            self._opt.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ bookkeeping
     def report(self) -> dict[str, float]:

@@ -7,10 +7,11 @@ marked [ours] in ``docs/strategies.md`` are ours.
 
 How it sits in the hooks (the trainer loop is unchanged):
 
-* ``before_step`` picks the ZO side (``side``) and turns ``requires_grad`` off on its weight and bias
-  for the whole step (``after_step`` restores it). The trainer's forward and backward then fill
-  ``.grad`` of the FO learner only; the ZO learner's ``.grad`` stays ``None``, so the trainer's
-  AdamW never steps, decays or keeps moments for it.
+* ``before_step`` picks the ZO side (``side``) and ``frozen`` names it to the trainer, which keeps
+  that learner out of autograd and of its optimizer for the whole step: ``.grad`` is filled for
+  the FO learner only, and the trainer's AdamW never steps, decays or keeps moments for the ZO one.
+  The ZO update itself writes the ZO learner's parameters in ``after_update``: the method is an
+  optimizer of its own (the one documented exception to "strategies never step parameters").
 * ``after_update`` (the optimizer has stepped the FO learner) applies the ZO update from the
   outputs ``out`` of the same forward pass, i.e. at the pre-update FO parameters (a simultaneous
   update): draw ``z ~ N(0, I)`` shaped like (W, b) from the step's generator, probe
@@ -37,7 +38,7 @@ import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.strategies.base import Strategy
 from cmcl.types import StepInfo
 
 #: Modalities encoded by the vision tower of the binding encoders (method.md).
@@ -108,7 +109,6 @@ class ZO(Strategy):
         self._gen: torch.Generator | None = None
         self._start: dict[str, torch.Tensor] = {}
         self._stats: dict[str, float] = {}
-        self._anchor = torch.zeros((), requires_grad=True)
 
     # ------------------------------------------------------------------ step boundaries
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
@@ -124,14 +124,11 @@ class ZO(Strategy):
             self._zo = (step.modalities[0 if self.side == "a" else 1],)
         else:
             self._zo = (self._auto_side(step, data),)
-        for m in self._zo:
-            self.learners[m].requires_grad_(False)
         self._start = ({m: torch.cat([p.detach().flatten() for p in self.learners[m].parameters()]).cpu()
                         for m in self._zo} if self.track_drift else {})
 
     def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
         for m in self._zo:
-            self.learners[m].requires_grad_(True)
             if m in self._start:
                 now = torch.cat([p.detach().flatten() for p in self.learners[m].parameters()]).cpu()
                 self._stats[f"drift/{m}"] = float(torch.linalg.vector_norm(now - self._start[m]))
@@ -217,20 +214,14 @@ class ZO(Strategy):
         return steps, shifts
 
     # ------------------------------------------------------------------ hooks
-    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
-        losses = super().losses(batch, out)
-        if self.mode == "dual":
-            # No learner takes a gradient in dual mode; a zero-weighted private leaf gives the
-            # trainer's backward a graph without touching any learner (the value is unchanged).
-            losses["contrastive_loss"] = losses["contrastive_loss"] + 0.0 * self._anchor
-        return losses
+    def frozen(self, step: StepInfo) -> tuple[str, ...]:
+        """The ZO learners: the trainer's first-order optimizer never touches them."""
+        return self._zo
 
     def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
         pair = batch.single_pair
         if pair is None or pair != tuple(self._pair):
             raise ValueError(f"ZO trains the step's pair {self._pair}; got a batch of {pair or 'mixed pairs'}")
-        if self.mode == "dual":
-            self._anchor.grad = None
         self._stats["updates"] += 1
         if self.lr_zo == 0:
             return

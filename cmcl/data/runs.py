@@ -1,4 +1,9 @@
-"""Run directories and per-step checkpoints.
+"""The run-folder format: run directories and per-step checkpoints.
+
+Like the feature cache (:mod:`cmcl.data.features`), a run folder is a file format every stage
+reads: ``train`` writes it, ``evaluate`` aggregates it, ``info`` describes it, the Python API opens
+it. This module is its one reader and writer; it knows files, not models (learners are any
+``torch.nn.Module`` whose state dict it saves).
 
 A run lives at ``<runs>/<backbone>/<label>/seed-<seed>/``::
 
@@ -30,8 +35,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from cmcl.data.features import FeatureShard, split_files
 from cmcl.errors import RunError
-from cmcl.train.learners import ModalityLearners
 
 _STEP_RE = re.compile(r"^step-(\d{2,})$")
 EVAL_COLUMNS = ["trained_through", "eval_step", "dataset", "pair", "direction", "metric", "value"]
@@ -70,9 +75,9 @@ def write_json(path: Path, payload: Any) -> None:
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"))
 
 
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    """Write a CSV atomically."""
-    _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+def write_csv(path: Path, frame: pd.DataFrame, **kwargs: Any) -> None:
+    """Write a CSV atomically (``kwargs`` go to :meth:`pandas.DataFrame.to_csv`)."""
+    _atomic(path, lambda tmp: frame.to_csv(tmp, index=False, **kwargs))
 
 
 def read_json(path: Path) -> Any:
@@ -85,7 +90,7 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path}: not valid JSON ({exc})") from None
 
 
-def write_step(run: Path, index: int, *, learners: ModalityLearners | None, strategy_state: dict | None,
+def write_step(run: Path, index: int, *, learners: torch.nn.Module | None, strategy_state: dict | None,
                eval_rows: list[dict], losses: pd.DataFrame | None = None, metrics: dict | None = None) -> Path:
     """Write a finished step's folder atomically (files into ``step-NN.tmp``, then rename)."""
     final = step_dir(run, index)
@@ -113,7 +118,7 @@ def write_step(run: Path, index: int, *, learners: ModalityLearners | None, stra
     return final
 
 
-def load_learners(path: Path, learners: ModalityLearners) -> None:
+def load_learners(path: Path, learners: torch.nn.Module) -> None:
     """Load ``learners.safetensors`` into ``learners`` (strict)."""
     try:
         state = load_file(str(path))
@@ -147,3 +152,96 @@ def read_eval(run: Path) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=EVAL_COLUMNS)
     return pd.concat(frames, ignore_index=True)
+
+
+def feature_fingerprint(root: str | Path, backbone: str, datasets: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """Which feature files a run reads: name, creation stamp, rows, size and modification time.
+
+    The size and modification time catch a file edited in place; a copied cache keeps its
+    fingerprint when the copy keeps modification times (``cp -a``, ``rsync -a``).
+    """
+    out = {}
+    for dataset in datasets:
+        for split in ("train", "test"):
+            stamps = []
+            for f in split_files(root, backbone, dataset, split):
+                with FeatureShard(f) as shard:
+                    st = f.stat()
+                    stamps.append(f"{f.name}@{shard.meta.created_utc}:{len(shard)}:{st.st_size}:{st.st_mtime_ns}")
+            out[f"{dataset}/{split}"] = stamps
+    return out
+
+
+def prepare_run_folder(run: Path, header: dict, *, resume: bool, overwrite: bool) -> None:
+    """Make ``run`` ready to train into; refuse whatever would lose or mix up work.
+
+    ``header`` is the ``config.json`` to write: its ``config`` (all fields but ``device`` must match
+    on ``--resume``) and ``features`` (the fingerprint; must match too). A folder that never
+    finished a step (a failed start) is started afresh; one with finished steps needs ``resume``
+    (or ``overwrite``, which deletes it first). The caller holds the folder's lock.
+    """
+    config_path = run / "config.json"
+    if run.exists() and overwrite:
+        shutil.rmtree(run)
+    if config_path.exists():
+        if not [i for i in finished_steps(run) if i >= 1]:
+            shutil.rmtree(run)  # nothing trained yet: a plain retry restarts it
+        elif not resume:
+            raise RunError(f"{run} already exists; pass --resume to continue it or --overwrite to start over")
+        else:
+            old = read_json(config_path)
+            old_cfg, new_cfg = dict(old.get("config", {})), dict(header["config"])
+            old_cfg.pop("device", None)
+            new_cfg.pop("device", None)
+            diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+            if diff:
+                raise RunError(f"{run}: --resume with a different configuration (differs in {', '.join(diff)}); "
+                               f"use another --runs folder or --overwrite")
+            before, now = old.get("features") or {}, header["features"]
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            if changed:
+                raise RunError(f"{run}: --resume but the feature files changed since the run started "
+                               f"({', '.join(changed)} under {new_cfg.get('features')}/{new_cfg.get('backbone')})")
+    elif run.exists() and any(run.iterdir()):
+        raise RunError(f"{run} exists but has no config.json; remove it or pass --overwrite")
+    run.mkdir(parents=True, exist_ok=True)
+    for tmp in run.glob("*.tmp"):  # leftovers of a step that was killed while being written
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if not config_path.exists():
+        write_json(config_path, header)
+
+
+def write_results(run: Path) -> pd.DataFrame:
+    """``results.csv``: every finished step's eval rows with the run's columns (marks the run complete)."""
+    cfg = read_json(run / "config.json")["config"]
+    frame = read_eval(run)
+    frame.insert(0, "seed", cfg["seed"])
+    frame.insert(0, "strategy", cfg.get("label") or cfg["strategy"])
+    frame.insert(0, "backbone", cfg["backbone"])
+    frame.insert(0, "run", str(run))
+    write_csv(run / "results.csv", frame)
+    return frame
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every run directory (a folder holding ``config.json``) under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RunError(f"{root}: no such runs folder")
+    return sorted(p.parent for p in root.rglob("config.json"))
+
+
+def describe_run(run: Path) -> str:
+    """What ``cmcl info RUN`` prints: label, seed, data, progress, parameters, summary."""
+    header = read_json(run / "config.json")
+    cfg = header["config"]
+    steps = header["protocol"]["steps"]
+    done = finished_steps(run)
+    lines = [f"{run}",
+             f"  {cfg['label'] or cfg['strategy']} seed {cfg['seed']} on {cfg['backbone']} ({cfg['features']}), "
+             f"protocol {cfg['protocol']}: {done[-1] if done else 0}/{len(steps)} steps finished",
+             f"  params {json.dumps(cfg['params'])}  harness {cfg['harness']}  cmcl {header['cmcl_version']} "
+             f"git {header['git_sha'][:10] or '-'}"]
+    if (run / "summary.json").is_file():
+        lines.append("  " + "  ".join(f"{k} {v:.2f}" for k, v in read_json(run / "summary.json").items()))
+    return "\n".join(lines)

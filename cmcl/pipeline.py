@@ -1,0 +1,143 @@
+"""The application layer: wires training to scoring and run folders to reports.
+
+``cmcl.train`` and ``cmcl.evaluate`` never import each other; this module (and the CLI above it)
+is where they meet. :func:`train_runs` validates a whole sweep and trains it, scoring each step
+with :class:`cmcl.evaluate.evaluator.Scorer`; :func:`report` aggregates run folders into Table 2,
+re-scoring runs from their checkpoints when another recall protocol is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cmcl.data import runs as run_files
+from cmcl.data.paired import StepData
+from cmcl.data.protocol import load_protocol
+from cmcl.errors import ConfigError
+from cmcl.evaluate.evaluator import Embed, EvalSettings, Scorer
+from cmcl.evaluate.report import summarize_run
+from cmcl.evaluate.runs import Report, report_runs
+from cmcl.train.config import TrainConfig, make_label
+from cmcl.train.learners import ModalityLearners
+from cmcl.train.strategies import PAPER_ORDER, resolve_params
+from cmcl.train.trainer import RunPlan, Score, plan_run, train_run
+
+log = logging.getLogger("cmcl")
+
+
+def embedder(learners: ModalityLearners) -> Embed:
+    """``embed(modality, x)`` through ``learners`` (numpy in, float32 numpy out, no autograd)."""
+    device = next(learners.parameters()).device
+
+    def embed(modality: str, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return learners(modality, torch.as_tensor(x, device=device)).float().cpu().numpy()
+    return embed
+
+
+def step_scorer(plan: RunPlan) -> Score:
+    """The scorer :func:`cmcl.train.trainer.train_run` calls after each step.
+
+    It compares every learner with its state at the previous call, so a test split whose scored
+    modalities' learners are all bit-identical keeps its rows (same outputs, same metrics) and only
+    the rest is re-embedded and re-scored.
+    """
+    cfg = plan.cfg
+    scorer = Scorer(plan.data.test_sets(), EvalSettings(cfg.recall_protocol, cfg.pool_size, cfg.pool_count,
+                                                        cfg.eval_seed, use_gpu=cfg.device.startswith("cuda")))
+    last: dict[str, list[torch.Tensor]] = {}
+
+    def score(learners: ModalityLearners, trained_through: int) -> list[dict]:
+        now = {m: [p.detach().clone() for p in learners[m].parameters()] for m in learners.modalities}
+        changed = None if not last else {m for m in now if not all(map(torch.equal, now[m], last[m]))}
+        last.clear()
+        last.update(now)
+        return scorer(embedder(learners), trained_through, changed)
+    return score
+
+
+def write_summary(run: Path) -> dict[str, float]:
+    """``summary.json``: the run's Table-2 numbers (from its stored eval rows)."""
+    steps = run_files.read_json(run / "config.json")["protocol"]["steps"]
+    summary = summarize_run(run_files.read_eval(run), len(steps))
+    run_files.write_json(run / "summary.json", summary)
+    return summary
+
+
+def train_runs(features: Path, backbone: str, strategies: Sequence[str], seeds: Sequence[int], runs: Path,
+               protocol: str, overrides: dict[str, dict[str, Any]], *, label: str | None = None,
+               resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = False,
+               keep_states: str = "last", **settings: Any) -> list[Path]:
+    """Train the strategy x seed runs of a sweep; returns their folders.
+
+    Every run is validated (options, strategy parameters, protocol, feature files) before any is
+    started, so a bad value never leaves a run folder behind.
+    """
+    if label and len(strategies) > 1:
+        raise ConfigError("--label names one run series; use it with a single --strategy")
+    proto = load_protocol(protocol)
+    plans: list[RunPlan] = []
+    data: StepData | None = None
+    for name in strategies:
+        resolved = resolve_params(name, overrides.get(name, {}), backbone)
+        for seed in seeds:
+            cfg = TrainConfig(features=str(features), backbone=backbone, strategy=name, params=resolved,
+                              label=label or make_label(name, overrides.get(name, {})), seed=seed,
+                              protocol=protocol, protocol_sha256=proto.sha256, device=device, **settings)
+            plans.append(plan_run(cfg, data))
+            data = plans[-1].data
+    done = []
+    for plan in plans:
+        cfg = plan.cfg
+        log.info("training %s seed %d on %s/%s (%d steps, device %s)", cfg.label, cfg.seed, features, backbone,
+                 len(proto), device)
+        run = train_run(plan, runs, score=step_scorer(plan), resume=resume, overwrite=overwrite,
+                        keep_states=keep_states, progress=progress)
+        write_summary(run)
+        done.append(run)
+    return done
+
+
+def rescore_run(run: Path, settings: EvalSettings, device: str = "cpu", features: str | None = None) -> pd.DataFrame:
+    """Re-evaluate every finished step of a run from its checkpoints with other eval settings."""
+    cfg = run_files.read_json(run / "config.json")["config"]
+    protocol = load_protocol(cfg["protocol"])
+    data = StepData(features or cfg["features"], cfg["backbone"], protocol)
+    scorer = Scorer(data.test_sets(), settings)
+    learners = ModalityLearners(protocol.modalities, data.dim).to(device)
+    initial = {k: v.clone() for k, v in learners.state_dict().items()}
+    rows: list[dict] = []
+    for i in run_files.finished_steps(run):
+        if i == 0:
+            learners.load_state_dict(initial)
+        else:
+            run_files.load_learners(run_files.step_dir(run, i) / "learners.safetensors", learners)
+        rows += scorer(embedder(learners), i)
+    return pd.DataFrame(rows)
+
+
+def report(runs: Path, report_path: Path, *, recall_protocol: str = "paper", device: str = "cpu",
+           features: str | None = None, plots: bool = True) -> Report:
+    """Table 2 of every complete run under ``runs`` (what ``cmcl evaluate`` does)."""
+    def rescore(run: Path, settings: EvalSettings) -> pd.DataFrame:
+        use_gpu = device.startswith("cuda")
+        return rescore_run(run, EvalSettings(settings.recall_protocol, settings.pool_size, settings.pool_count,
+                                             settings.seed, use_gpu=use_gpu), device, features)
+
+    return report_runs(runs, report_path, recall_protocol=recall_protocol, rescore=rescore,
+                       order=PAPER_ORDER, plots=plots)
+
+
+def train_one(cfg: TrainConfig, runs: Path, **kwargs: Any) -> Path:
+    """Validate, train and summarise one run (:func:`train_runs` for a single configuration)."""
+    plan = plan_run(cfg)
+    run = train_run(plan, runs, score=step_scorer(plan), **kwargs)
+    write_summary(run)
+    return run
