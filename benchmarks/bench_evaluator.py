@@ -1,7 +1,7 @@
-"""Seconds per ``evaluate()`` call on the paper's 11 test splits, before and after the blocked recount.
+"""Seconds per ``score()`` call on the paper's 11 test splits, before and after the blocked recount.
 
 The test splits of the synthetic backbone at paper size (scale 1.0, d = 1024 by default; 654 to
-4,374 pairs, 5 pools of 1,000 per split where larger) are built in memory, and ``evaluate()`` is
+4,374 pairs, 5 pools of 1,000 per split where larger) are built in memory, and ``score()`` is
 timed with the current ``partner_ranks`` ("new") and with the per-query implementation it replaced
 ("old", kept below as the reference), alternately in one process, so that both see the same
 machine load. Every round checks that both give the same rows, value for value. Then
@@ -27,8 +27,9 @@ from cmcl.data.catalog import DATASETS
 from cmcl.data.paired import TestSet
 from cmcl.data.protocol import load_protocol
 from cmcl.evaluate import retrieval
-from cmcl.evaluate.evaluator import EvalSettings, evaluate
+from cmcl.evaluate.evaluator import EvalSettings, score
 from cmcl.extract.synthetic import SyntheticConfig, SyntheticDataset, SyntheticSpace
+from cmcl.pipeline import embedder
 from cmcl.train.learners import ModalityLearners
 
 
@@ -114,7 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=3, help="evaluate() calls per implementation")
+    ap.add_argument("--rounds", type=int, default=3, help="score() calls per implementation")
     ap.add_argument("--learners", choices=["identity", "perturbed"], default="identity",
                     help="identity: row 0 of the result matrices (the frozen encoders)")
     ap.add_argument("--pair-rounds", type=int, default=3, help="partner_ranks calls per implementation")
@@ -126,6 +127,7 @@ def main() -> None:
     sets, splits = test_sets(args.dim, args.scale)
     protocol = load_protocol("paper11")
     learners = make_learners(protocol.modalities, args.dim, args.learners)
+    embed = embedder(learners)
     print(f"test splits: {len(sets)} steps, {sum(len(s.xa) for s in sets)} pairs, d={args.dim} "
           f"({time.perf_counter() - t0:.1f} s to build); learners: {args.learners}")
 
@@ -135,17 +137,17 @@ def main() -> None:
         for impl in ("old", "new") if r % 2 == 0 else ("new", "old"):
             use(impl)
             old_partner_ranks.recounted = 0
-            dt, rows[impl] = timed(lambda: evaluate(learners, sets, 0, EvalSettings()))
+            dt, rows[impl] = timed(lambda: score(embed, sets, 0, EvalSettings()))
             times[impl].append(dt)
             if impl == "old":
                 recounted = old_partner_ranks.recounted
         use("new")
         if rows["old"] != rows["new"]:
-            raise SystemExit("evaluate(): the old and new partner_ranks give different rows")
+            raise SystemExit("score(): the old and new partner_ranks give different rows")
         print(f"round {r + 1}: old {times['old'][-1]:.2f} s, new {times['new'][-1]:.2f} s "
               f"({len(rows['new'])} rows identical; {recounted} queries recounted)")
     old, new = statistics.median(times["old"]), statistics.median(times["new"])
-    print(f"evaluate() median of {args.rounds}: old {old:.2f} s, new {new:.2f} s, old/new {old / new:.2f}x")
+    print(f"score() median of {args.rounds}: old {old:.2f} s, new {new:.2f} s, old/new {old / new:.2f}x")
 
     # partner_ranks alone, tie-heavy: audio queries against one text per class (vggsound_s).
     emb, labels, _ = splits["vggsound_s"]
