@@ -226,7 +226,7 @@ def prepare_run_folder(run: Path, header: dict, *, resume: bool, overwrite: bool
     (or ``overwrite``, which deletes it first). The caller holds the folder's lock.
 
     A run grows: under ``resume`` the protocol may be another one whose steps *extend* the stored
-    ones (same steps in the same order, new ones appended). Then only the protocol fields of the
+    ones (same steps in the same order, at least one new one appended). Then only the protocol fields of the
     configuration may differ, the stored datasets' feature files must be unchanged (new datasets
     are added to the fingerprint), and ``config.json`` is replaced atomically by ``header`` with
     the previous protocol appended to its ``history``. Any other protocol change is refused.
@@ -246,7 +246,7 @@ def prepare_run_folder(run: Path, header: dict, *, resume: bool, overwrite: bool
             new_cfg.pop("device", None)
             diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
             added = protocol_extension(old, header)
-            if diff and set(diff) <= set(PROTOCOL_FIELDS):
+            if diff and set(diff) <= set(PROTOCOL_FIELDS) and added != 0:
                 if added is None:
                     raise RunError(f"{run}: --resume with protocol {new_cfg.get('protocol')} that does not extend "
                                    f"the run's {old_cfg.get('protocol')} ({_first_change(old, header)}); "
