@@ -58,7 +58,7 @@ class Run:
     @cached_property
     def modalities(self) -> tuple[str, ...]:
         """Every modality the run's protocol trains, in order of first use."""
-        return tuple(dict.fromkeys(m for key in self.protocol_steps for m in key.split(":", 1)[1].split("-")))
+        return tuple(dict.fromkeys(m for key in self.protocol_steps for m in key.rsplit(":", 1)[1].split("-")))
 
     @property
     def last_step(self) -> int:

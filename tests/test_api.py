@@ -161,6 +161,13 @@ def test_index_build_and_search(trained, tiny_cache, tmp_path):
     assert res.exit_code == 0, res.output
     approx = pd.read_csv(tmp_path / "hnsw.csv", dtype={"query_id": str, "hit_id": str}).set_index("query_id")
     assert (approx.loc[ids, "score"].to_numpy() >= best - 1e-4).mean() > 0.9
+    res = _cli(["index", "build", *common, "--modality", "audio", "--kind", "ivf", "--nlist", "2", "--out", tmp_path / "ivf"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ivf" / "index.json").read_text())["kind"] == "ivf"
+    res = _cli(["index", "search", tmp_path / "ivf", *common, "--modality", "text", "--k", "3", "--out", tmp_path / "ivf.csv"])
+    assert res.exit_code == 0, res.output
+    ivf = pd.read_csv(tmp_path / "ivf.csv", dtype={"query_id": str, "hit_id": str})
+    assert set(ivf["query_id"]) == set(ids) and (ivf.groupby("query_id").size() <= 3).all()
 
 
 def test_index_bad_inputs_get_one_line(trained, tiny_cache, tmp_path):
