@@ -347,7 +347,8 @@ def train_options(fn):
 @click.option("--runs", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Runs root; a run goes to RUNS/<backbone>/<label>/seed-<seed>/.")
 @click.option("--label", default=None, help="Run label in Table 2 [default: strategy name, plus any -p overrides].")
-@click.option("--resume", is_flag=True, help="Continue existing runs from their last finished step.")
+@click.option("--resume", is_flag=True, help="Continue existing runs from their last finished step; with a --protocol that "
+              "appends steps to the run's, train only the new steps.")
 @click.option("--overwrite", is_flag=True, help="Delete existing runs first.")
 @train_options
 @user_errors
