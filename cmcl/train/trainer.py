@@ -96,8 +96,9 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
                 out = learners.forward_pairs(batch)
                 out.epoch, out.update = epoch, update
                 if strategy.output_grads:  # d loss / d u and d v, on out.u.grad and out.v.grad
-                    out.u.retain_grad()
-                    out.v.retain_grad()
+                    for t in (out.u, out.v):
+                        if t.requires_grad:
+                            t.retain_grad()
                 losses = strategy.losses(batch, out)
                 total_loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
                 if total_loss.requires_grad:  # not when every learner of the batch is frozen
@@ -142,6 +143,8 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
     frozen = tuple(strategy.frozen(step))
     for m in frozen:  # kept out of autograd and of the optimizer for this step
         learners[m].requires_grad_(False)
+    transforms = dict(strategy.weight_grad_inputs(step))
+    learners.grad_inputs.update(transforms)  # installed for this step only
     try:
         opt = build_optimizer(learners, harness, frozen=frozen, extra=strategy.optimizer_groups(step))
         decay = (lambda u: max(0.0, (total - u) / total)) if harness.linear_decay else (lambda u: 1.0)
@@ -156,6 +159,8 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
     finally:
         for m in frozen:
             learners[m].requires_grad_(True)
+        for m in transforms:
+            learners.grad_inputs.pop(m, None)
     keys = sorted({k for r in records for k in r})
     table = {k: torch.stack([r.get(k, torch.tensor(float("nan"))).float().cpu() for r in records]).numpy()
              for k in keys}
