@@ -212,7 +212,8 @@ class RunPlan:
         """The run's ``config.json``: configuration, feature fingerprint, protocol, versions."""
         p = self.protocol
         return {"config": self.cfg.to_dict(), "fingerprint": self.cfg.fingerprint(), "features": self.fingerprint,
-                "protocol": {"name": p.name, "source": p.source, "sha256": p.sha256, "steps": [s.key for s in p.steps]},
+                "protocol": {"name": p.name, "source": p.source, "sha256": p.sha256, "steps": [s.key for s in p.steps],
+                             "metrics": [list(s.metrics) for s in p.steps]},
                 "cmcl_version": __version__, "git_sha": _git_sha(), "torch": torch.__version__,
                 "python": platform.python_version()}
 
@@ -268,7 +269,10 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
         if last > len(protocol):
             raise RunError(f"{run}: has step {last} but the protocol has {len(protocol)} steps")
         if last >= 1:
-            runs.load_learners(runs.step_dir(run, last) / "learners.safetensors", learners)
+            # a protocol extended with a new modality: the stored steps have no learner for it yet
+            used = {m for step in protocol.steps[:last] for m in step.modalities}
+            runs.load_learners(runs.step_dir(run, last) / "learners.safetensors", learners,
+                               absent_ok=set(protocol.modalities) - used)
             strategy.load_state_dict(runs.load_strategy_state(runs.step_dir(run, last) / "strategy.pt"))
             log.info("%s: resuming after step %d", run, last)
         if last < 0:
