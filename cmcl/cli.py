@@ -2,7 +2,9 @@
 
 Commands: ``extract`` (write the feature cache), ``train`` (run strategies over a protocol),
 ``evaluate`` (Table 2 from runs), ``info`` (describe a shard, cache or run), ``list`` (strategies,
-protocols, backbones) and ``reproduce`` (the quickstart: all three on the synthetic default).
+protocols, backbones) and ``reproduce`` (the quickstart: all three on the synthetic default);
+``import`` (a split from embeddings computed elsewhere), ``export`` (a run's learners as a plain
+adapter) and ``index build`` / ``index search`` (retrieval in a run's adapted space).
 """
 
 from __future__ import annotations
@@ -394,7 +396,8 @@ def train_options(fn):
 @click.option("--runs", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Runs root; a run goes to RUNS/<backbone>/<label>/seed-<seed>/.")
 @click.option("--label", default=None, help="Run label in Table 2 [default: strategy name, plus any -p overrides].")
-@click.option("--resume", is_flag=True, help="Continue existing runs from their last finished step.")
+@click.option("--resume", is_flag=True, help="Continue existing runs from their last finished step; with a --protocol that "
+              "appends steps to the run's, train only the new steps.")
 @click.option("--overwrite", is_flag=True, help="Delete existing runs first.")
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
               help="Strategy hyperparameter grid, repeatable, scoped like -p (e.g. --grid dns.lambda_min=0,0.1,0.01,0.001): "
@@ -595,6 +598,109 @@ def reproduce(out: Path, scale: float, dim: int, data_seed: int, strategies: tup
     click.echo(rep.text)
     log.info("Table 2: %s (long format: %s; heatmaps: %s)", out / "table2.csv", out / "results.csv",
              out / "table2_heatmaps")
+
+
+# ------------------------------------------------------------------ import / export / index (issue 12)
+def _assignments(items: tuple[str, ...], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(f"{option} {item!r}: expected MODALITY=FILE")
+        if key in out:
+            raise ConfigError(f"{option} {key}: given twice")
+        out[key] = value
+    return out
+
+
+@cli.command("import")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature-cache root.")
+@click.option("--backbone", required=True, help="Backbone folder to write under (the encoder that made the embeddings).")
+@click.option("--dataset", required=True, help="Dataset name.")
+@click.option("--split", required=True, help="Split name (train, test, ...).")
+@click.option("--emb", "emb", multiple=True, required=True, metavar="MODALITY=FILE",
+              help="Embeddings of one modality (.npy, .npz, .safetensors, .parquet), one row per sample; repeatable.")
+@click.option("--ids", type=click.Path(dir_okay=False, path_type=Path), help="Text file, one id per line [default: row numbers].")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="Integer class per row (.npy; -1: none).")
+@click.option("--class-names", type=click.Path(dir_okay=False, path_type=Path), help="Text file, one class name per line.")
+@click.option("--class-emb", "class_emb", multiple=True, metavar="MODALITY=FILE",
+              help="Prototypes of the class names (text: the zero-shot ones), one row per class.")
+@click.option("--normalize", is_flag=True, help="L2-normalise rows (default: require normalised rows).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing split.")
+@user_errors
+def import_(out: Path, backbone: str, dataset: str, split: str, emb: tuple[str, ...], ids: Path | None,
+            labels: Path | None, class_names: Path | None, class_emb: tuple[str, ...], normalize: bool,
+            overwrite: bool) -> None:
+    """Write a feature-cache split from embeddings another tool computed."""
+    from cmcl.data.importer import import_embeddings
+
+    path = import_embeddings(out, backbone, dataset, split, _assignments(emb, "--emb"), ids=ids, labels=labels,
+                             class_names=class_names, class_emb=_assignments(class_emb, "--class-emb"),
+                             normalize=normalize, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--step", type=click.IntRange(min=1), default=None, help="Finished step to export [default: the last].")
+@user_errors
+def export(run_dir: Path, out: Path, step: int | None) -> None:
+    """Write a run's learners as OUT/learners.safetensors and OUT/adapter.json (usable without cmcl)."""
+    from cmcl.api import export_run
+
+    click.echo(f"wrote {export_run(run_dir, out, step)}")
+
+
+@cli.group(cls=_OneLineGroup)
+def index() -> None:
+    """Retrieval in a run's adapted space: build a FAISS index, search it."""
+
+
+def _split_options(fn):
+    options = [
+        click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Run folder whose learners map the embeddings."),
+        click.option("--features", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Feature-cache root (the run's backbone is read from it)."),
+        click.option("--dataset", required=True),
+        click.option("--split", required=True),
+        click.option("--modality", required=True),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+@index.command("build")
+@_split_options
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Index folder to write.")
+@click.option("--kind", default="flat", show_default=True, type=click.Choice(["flat", "hnsw", "ivf"]),
+              help="flat: exact search; hnsw or ivf: approximate, for large collections.")
+@click.option("--step", type=click.IntRange(min=1), default=None, help="Finished step [default: the last].")
+@click.option("--nlist", type=click.IntRange(min=1), default=None, help="ivf: cells [default: sqrt(N)].")
+@user_errors
+def index_build(run_dir: Path, features: Path, dataset: str, split: str, modality: str, out: Path, kind: str,
+                step: int | None, nlist: int | None) -> None:
+    """Index a split's MODALITY rows through the run's learner."""
+    from cmcl.api import build_index
+
+    click.echo(f"wrote {build_index(run_dir, features, dataset, split, modality, out, kind=kind, step=step, nlist=nlist)}")
+
+
+@index.command("search")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_split_options
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Hits per query.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="hits CSV to write.")
+@user_errors
+def index_search(index_dir: Path, run_dir: Path, features: Path, dataset: str, split: str, modality: str, k: int,
+                 out: Path) -> None:
+    """Query INDEX_DIR with a split's MODALITY rows through the same run; writes query_id, rank, hit_id, score."""
+    from cmcl.api import search_index, write_hits
+
+    hits = search_index(index_dir, run_dir, features, dataset, split, modality, k=k)
+    click.echo(f"wrote {write_hits(hits, out)} ({hits['query_id'].nunique()} queries x {k} hits)")
 
 
 def main() -> None:

@@ -36,3 +36,11 @@ class ExtractError(CMCLError):
 
 class EncoderError(CMCLError):
     """An encoder cannot be built: a missing or mismatched checkpoint, tokenizer file or media file."""
+
+
+class IndexFileError(CMCLError):
+    """A retrieval index folder is missing, malformed, or does not fit the run or the queries."""
+
+
+class EmbeddingImportError(CMCLError):
+    """Embeddings brought from another tool cannot be imported (shape, values, ids, labels)."""

@@ -176,7 +176,10 @@ def rescore_run(run: Path, settings: EvalSettings, device: str = "cpu", features
         if i == 0:
             learners.load_state_dict(initial)
         else:
-            run_files.load_learners(run_files.step_dir(run, i) / "learners.safetensors", learners)
+            learners.load_state_dict(initial)  # a modality new in an extended protocol: identity before its step
+            used = {m for step in protocol.steps[:i] for m in step.modalities}
+            run_files.load_learners(run_files.step_dir(run, i) / "learners.safetensors", learners,
+                                    absent_ok=set(protocol.modalities) - used)
         rows += scorer(embedder(learners), i)
     return pd.DataFrame(rows)
 

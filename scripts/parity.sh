@@ -48,7 +48,7 @@ fi
 
 LOG=$VENV/parity-pytest.log
 set +e
-"$VENV/bin/python" -m pytest -p no:cacheprovider -q -rs tests/test_encoders_parity.py 2>&1 | tee "$LOG"
+CMCL_PARITY_REPORT=1 "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rs tests/test_encoders_parity.py 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 set -e
 if [[ $rc -ne 0 ]]; then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from cmcl.data.paired import PairedFeatures
@@ -14,6 +15,7 @@ from cmcl.train.strategies.co2l import (
     asymmetric_contrastive,
     relation_distillation,
     relation_targets,
+    space_contrastive_rows,
     stacked_unit,
 )
 from cmcl.train.trainer import fit_step
@@ -170,3 +172,120 @@ def test_precomputed_teacher_outputs_match_the_frozen_teacher():
         direct = relation_targets(stacked_unit(strategy.teacher.forward_pairs(plain)), strategy.kappa_past)
     torch.testing.assert_close(strategy._teacher_targets(batch), direct, rtol=1e-5, atol=1e-6)
     assert torch.equal(strategy._teacher_targets(plain), direct)
+
+
+# ---------------------------------------------------------------- replay that protects old pairs
+# A step (text, audio) whose batch holds buffered pairs of other modality pairs (the erratum to
+# baselines.md §7 item 3): an a-anchor may only meet outputs of modality b.
+MIXED_A = np.array(["text", "text", "text", "text", "audio", "video", "depth", "text", "vision"])
+MIXED_B = np.array(["audio", "audio", "audio", "video", "text", "audio", "vision", "audio", "audio"])
+MIXED_CURRENT = torch.tensor([True, True, True, False, False, False, False, False, False])
+
+
+def _mixed_outputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(MIXED_A)
+    return (torch.randn(n, D, generator=g).requires_grad_(True),
+            torch.randn(n, D, generator=g).requires_grad_(True))
+
+
+def _output_modalities():
+    return np.concatenate([MIXED_A, MIXED_B])     # of the stacked outputs [u; v]
+
+
+@pytest.mark.parametrize("replay", ["same_space", "own_pair"])
+@pytest.mark.parametrize("direction", ["a2b", "symmetric"])
+def test_no_output_outside_b_is_a_negative_of_an_a_anchor(replay, direction):
+    """Property: the a→b loss of the current (text, audio) anchors has zero gradient on every output of a
+    modality other than audio, apart from the anchors themselves (b→a: other than text, apart from v_i)."""
+    u, v = _mixed_outputs()
+    anchors = MIXED_CURRENT if replay == "same_space" else torch.ones(len(MIXED_A), dtype=torch.bool)
+    rows = space_contrastive_rows(u, v, MIXED_A, MIXED_B, anchors, direction=direction)
+    # the loss terms of the current step's anchors only (own_pair adds buffered anchors' own terms)
+    gu, gv = torch.autograd.grad(rows[MIXED_CURRENT].sum(), [u, v])
+    grads = torch.cat([gu, gv]).abs().sum(dim=1)
+    mods = _output_modalities()
+    n = len(MIXED_A)
+    is_anchor = np.zeros(2 * n, dtype=bool)
+    is_anchor[:3] = True                                  # current u_i (text)
+    if direction == "symmetric":
+        is_anchor[n:n + 3] = True                         # current v_i (audio) anchor the b→a term
+    allowed = (mods == "audio") | is_anchor
+    if direction == "symmetric":
+        allowed |= mods == "text"                         # negatives of the b→a term live in a's space
+    assert float(grads[torch.as_tensor(~allowed)].abs().max()) == 0.0
+    # and b-space outputs of buffered rows do act as negatives: v of the buffered (text, audio) and
+    # (video, audio) rows, u of the buffered (audio, text) row
+    for k in (n + 7, n + 5, 4):
+        assert float(grads[k]) > 0.0, k
+    if direction == "a2b":
+        # the a→b loss never touches a text output other than the anchors (text is not b's space)
+        assert float(grads[torch.as_tensor((mods == "text") & ~is_anchor)].max()) == 0.0
+
+
+def test_same_space_loss_matches_an_explicit_candidate_set_and_is_infonce_without_replay():
+    u, v = _mixed_outputs(1)
+    rows = space_contrastive_rows(u, v, MIXED_A, MIXED_B, MIXED_CURRENT)
+    n = len(MIXED_A)
+    z, mods = torch.cat([v, u]), np.concatenate([MIXED_B, MIXED_A])
+    for i in range(3):
+        cand = [j for j in range(2 * n) if mods[j] == "audio" and j != n + i]
+        logits = u[i] @ z[cand].T
+        expected = -(logits[cand.index(i)] - torch.logsumexp(logits, 0))
+        torch.testing.assert_close(rows[i], expected)
+    assert torch.equal(rows[3:], torch.zeros(n - 3))
+    # a batch of current rows only: exactly the run's InfoNCE (both directions)
+    cur = np.array(["text"] * 5), np.array(["audio"] * 5)
+    ones = torch.ones(5, dtype=torch.bool)
+    for direction in ("a2b", "symmetric"):
+        got = space_contrastive_rows(u[:5], v[:5], *cur, ones, direction=direction).mean()
+        torch.testing.assert_close(got, Objective(direction=direction)(u[:5], v[:5]), rtol=1e-6, atol=1e-7)
+
+
+def test_own_pair_anchors_buffered_pairs_in_their_own_space():
+    u, v = _mixed_outputs(2)
+    rows = space_contrastive_rows(u, v, MIXED_A, MIXED_B, torch.ones(len(MIXED_A), dtype=torch.bool))
+    n = len(MIXED_A)
+    # row 6 is a buffered (depth, vision) pair: its vision candidates are v_6 and u_8 (a vision output)
+    logits6 = torch.stack([u[6] @ v[6], u[6] @ u[8]])
+    torch.testing.assert_close(rows[6], -torch.log_softmax(logits6, 0)[0])
+    # row 3, a buffered (text, video) pair, is scored against the video outputs: v_3 and u_5
+    logits = torch.stack([u[3] @ v[3], u[3] @ u[5]])
+    torch.testing.assert_close(rows[3], -torch.log_softmax(logits, 0)[0])
+    # the current anchors' terms are those of same_space
+    same = space_contrastive_rows(u, v, MIXED_A, MIXED_B, MIXED_CURRENT)
+    torch.testing.assert_close(rows[:3], same[:3])
+    assert n == 9
+
+
+@pytest.mark.parametrize("name", ["co2l", "cflat", "cila"])
+def test_replay_never_trains_against_other_pairs_alignments(name):
+    """Through the strategy: with IRD off, a (text, audio) step whose buffer holds (text, video) and
+    (depth, vision) pairs gives the video, depth and vision learners no gradient at all."""
+    learners = jittered_learners()
+    params = {"distill_power": 0.0} if name != "cila" else {"balance": 0.0}
+    strategy = get_strategy(name, **params)
+    strategy.setup(learners, Objective())
+    strategy.buffer.fill_balanced(PairedFeatures.concat([pairs(12, 3, ("text", "video"), 1),
+                                                         pairs(12, 4, ("depth", "vision"), 2)]),
+                                  2, torch.Generator().manual_seed(0))
+    step = StepInfo(3, "C", ("text", "audio"), 7)
+    data = pairs(20, 5, ("text", "audio"), 3)
+    strategy.before_step(step, data)
+    train = strategy.training_set(step, data)
+    learners.zero_grad(set_to_none=True)
+    out = learners.forward_pairs(train)
+    losses = strategy.losses(train, out)
+    losses["asym_loss"].backward()
+    for m in ("video", "depth", "vision"):
+        assert learners[m].weight.grad is None or float(learners[m].weight.grad.abs().max()) == 0.0, m
+    assert float(learners["audio"].weight.grad.abs().max()) > 0.0
+    # the superseded mapping did train them (the erratum's failure mode)
+    old = get_strategy("co2l", distill_power=0.0, replay="all_rows")
+    old.setup(learners, Objective())
+    old.buffer = strategy.buffer
+    old.before_step(step, data)
+    train = old.training_set(step, data)
+    learners.zero_grad(set_to_none=True)
+    old.losses(train, learners.forward_pairs(train))["asym_loss"].backward()
+    assert float(learners["video"].weight.grad.abs().max()) > 0.0

@@ -189,3 +189,19 @@ def test_derpp_beta_follows_the_backbone():
     assert resolve_params("derpp", {}, "imagebind")["beta"] == 0.001
     assert resolve_params("derpp", {"beta": 0.2}, "languagebind")["beta"] == 0.2
     assert resolve_params("der", {}, "languagebind") == {"alpha": 0.1, "buffer_size": 256, "replay_batch": 64}
+
+
+def test_a_stored_score_depends_only_on_its_own_pairs_learners():
+    """The replay principle of the erratum to baselines.md §7: DER never scores a stored row against a
+    row of another pair, so a stored (text, audio) score has no gradient on the video learner, etc."""
+    learners, der = trained("der", steps=2)
+    der._cache_frozen({"text", "audio", "video"})       # every learner trainable: nothing cached
+    feats = der.buffer.features()
+    assert {tuple(p) for p in zip(feats.ma, feats.mb)} == {("text", "audio"), ("audio", "video")}
+    idx = torch.arange(len(der.buffer))
+    s = der.replay_scores(idx)
+    weights = {m: learners[m].weight for m in ("text", "audio", "video")}
+    for r in range(0, len(idx), 7):
+        grads = torch.autograd.grad(s[r], list(weights.values()), retain_graph=True, allow_unused=True)
+        touched = {m for m, g in zip(weights, grads) if g is not None and float(g.abs().max()) > 0}
+        assert touched == {str(feats.ma[r]), str(feats.mb[r])}, r

@@ -143,6 +143,8 @@ def test_rank_b_route_uses_the_trainers_clip_factor():
     dns.before_step(StepInfo(2, "B", ("text", "audio"), 0), old)
     batch = old.select(torch.arange(b))
     out = learners.forward_pairs(batch)
+    out.u.retain_grad()  # what the trainer does for output_grads: the rank-B route reads dL/du
+    out.v.retain_grad()
     loss = dns.losses(batch, out)["contrastive_loss"]
     loss.backward()
     w = learners["text"].weight
@@ -163,11 +165,15 @@ def test_left_threshold_zero_is_exactly_one_sided():
     xa, xb = low_rank_pairs(3)
     data = PairedFeatures.from_arrays(xa, xb, ("text", "audio"), 1)
     dns.after_step(StepInfo(1, "A", ("text", "audio"), 0), data)
-    dns.before_step(StepInfo(2, "A", ("text", "audio"), 0), data)
+    step = StepInfo(2, "A", ("text", "audio"), 0)
+    dns.before_step(step, data)
+    learners.grad_inputs.update(dns.weight_grad_inputs(step))  # as the trainer installs them
     left, right = dns._proj["text"]
     assert left.is_identity and 0 < right.rank < D
     batch = data.select(torch.arange(16))
     out = learners.forward_pairs(batch)
+    out.u.retain_grad()
+    out.v.retain_grad()
     dns.losses(batch, out)["contrastive_loss"].backward()
     g = learners["text"].weight.grad.clone()
     cov = dns.cov_in["text"]
@@ -189,20 +195,73 @@ def test_projector_thresholds():
     assert projector_from_covariance(torch.zeros(10, 10, dtype=torch.float64), threshold=0.1).is_zero
 
 
-def test_covariance_is_the_running_mean_of_all_past_inputs():
-    learners = ModalityLearners(["text", "audio", "video"], D)
-    dns = get_strategy("dns")
+def _three_step_covariances(count):
+    """Steps 1 (text, audio) n=50, 2 (text, video) n=30, 3 (audio, depth) n=20: depth first appears at
+    step 3. The audio learner is 2·I when step 3 ends, so depth's partner outputs are 2·y."""
+    learners = ModalityLearners(["text", "audio", "video", "depth"], D)
+    dns = get_strategy("dns", count=count)
     dns.setup(learners, Objective())
-    xa1, xb1 = low_rank_pairs(1, n=50)
-    xa2, xb2 = low_rank_pairs(2, n=30)
-    dns.after_step(StepInfo(1, "A", ("text", "audio"), 0), PairedFeatures.from_arrays(xa1, xb1, ("text", "audio"), 1))
-    dns.after_step(StepInfo(2, "B", ("text", "video"), 0), PairedFeatures.from_arrays(xa2, xb2, ("text", "video"), 2))
-    allx = np.concatenate([xa1, xa2]).astype(np.float64)
-    np.testing.assert_allclose(dns.cov_in["text"].numpy(), allx.T @ allx / 80, atol=1e-6)
-    assert dns.n_in == {"text": 80, "audio": 50, "video": 30}
-    # the output side of text accumulates the partners' outputs (identity learners here)
-    outs = np.concatenate([xb1, xb2]).astype(np.float64)
-    np.testing.assert_allclose(dns.cov_out["text"].numpy(), outs.T @ outs / 80, atol=1e-6)
+    x1, y1 = low_rank_pairs(1, n=50)
+    x2, v2 = low_rank_pairs(2, n=30)
+    y3, d3 = low_rank_pairs(3, n=20)
+    dns.after_step(StepInfo(1, "A", ("text", "audio"), 0), PairedFeatures.from_arrays(x1, y1, ("text", "audio"), 1))
+    dns.after_step(StepInfo(2, "B", ("text", "video"), 0), PairedFeatures.from_arrays(x2, v2, ("text", "video"), 2))
+    with torch.no_grad():
+        learners["audio"].weight.mul_(2.0)
+    dns.after_step(StepInfo(3, "C", ("audio", "depth"), 0), PairedFeatures.from_arrays(y3, d3, ("audio", "depth"), 3))
+    g = {k: v.astype(np.float64).T @ v.astype(np.float64)
+         for k, v in {"x1": x1, "y1": y1, "x2": x2, "v2": v2, "y3": y3, "d3": d3}.items()}
+    return dns, g
+
+
+def test_shared_count_is_algorithm_1_over_all_steps():
+    """The default: n̄_t = 50, 80, 100 for every modality (Algorithm 1 line 16, the authors' code)."""
+    dns, g = _three_step_covariances("shared")
+    expected_in = {
+        "text": (g["x1"] / 50) * (50 / 80) + g["x2"] / 80,      # steps 1 and 2
+        "audio": (g["y1"] / 50) * (80 / 100) + g["y3"] / 100,   # steps 1 and 3: step 1 down-weighted
+        "video": g["v2"] / 80,                                  # enters at n̄_2 = 80, not 30
+        "depth": g["d3"] / 100,                                 # enters at n̄_3 = 100, not 20
+    }
+    expected_out = {
+        "text": (g["y1"] / 50) * (50 / 80) + g["v2"] / 80,
+        "audio": (g["x1"] / 50) * (80 / 100) + g["d3"] / 100,
+        "video": g["x2"] / 80,
+        "depth": 4.0 * g["y3"] / 100,                           # partner outputs 2·y under the 2·I learner
+    }
+    for m in expected_in:
+        np.testing.assert_allclose(dns.cov_in[m].numpy(), expected_in[m], atol=1e-6, err_msg=m)
+        np.testing.assert_allclose(dns.cov_out[m].numpy(), expected_out[m], atol=1e-6, err_msg=m)
+    assert dns.n_bar == 100
+    # the late modality's energy is diluted by n_t / n̄_t = 0.2 compared with its own running mean
+    assert float(torch.trace(dns.cov_in["depth"])) == pytest.approx(0.2 * float(np.trace(g["d3"]) / 20), rel=1e-6)
+
+
+def test_modality_count_is_a_running_mean_per_modality():
+    """The option ``count=modality`` (cmcl's variant): every covariance is the plain mean of its own rows."""
+    dns, g = _three_step_covariances("modality")
+    expected_in = {"text": (g["x1"] + g["x2"]) / 80, "audio": (g["y1"] + g["y3"]) / 70,
+                   "video": g["v2"] / 30, "depth": g["d3"] / 20}
+    expected_out = {"text": (g["y1"] + g["v2"]) / 80, "audio": (g["x1"] + g["d3"]) / 70,
+                    "video": g["x2"] / 30, "depth": 4.0 * g["y3"] / 20}
+    for m in expected_in:
+        np.testing.assert_allclose(dns.cov_in[m].numpy(), expected_in[m], atol=1e-6, err_msg=m)
+        np.testing.assert_allclose(dns.cov_out[m].numpy(), expected_out[m], atol=1e-6, err_msg=m)
+    assert dns.n_in == {"text": 80, "audio": 70, "video": 30, "depth": 20}
+
+
+def test_shared_count_survives_a_checkpoint_and_rejects_unknown_rules():
+    dns, _ = _three_step_covariances("shared")
+    state = dns.state_dict()
+    again = get_strategy("dns")
+    again.setup(ModalityLearners(["text", "audio", "video", "depth"], D), Objective())
+    again.load_state_dict(state)
+    assert again.n_bar == 100
+    old = {k: v for k, v in state.items() if k != "n_bar"}
+    with pytest.raises(ValueError, match="count=modality"):
+        again.load_state_dict(old)
+    with pytest.raises(Exception, match="count"):
+        get_strategy("dns", count="per_step")
 
 
 @pytest.mark.parametrize("project_bias", [False, True])

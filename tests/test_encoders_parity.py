@@ -19,6 +19,9 @@ package ``__init__`` imports the processors, which need torchvision, so only the
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import importlib.machinery
 import importlib.util
 import json
@@ -47,6 +50,16 @@ class _DropPath(nn.Module):
     def forward(self, x):
         return x  # eval-only stand-in
 
+
+
+@contextlib.contextmanager
+def shown(capsys):
+    """Show the measured differences under ``scripts/parity.sh`` (CMCL_PARITY_REPORT=1); quiet otherwise."""
+    if os.environ.get("CMCL_PARITY_REPORT"):
+        with capsys.disabled():
+            yield
+    else:
+        yield
 
 def _upstream():
     spec = importlib.util.find_spec("imagebind")
@@ -239,7 +252,7 @@ def test_languagebind_towers_equal_upstream(name, tmp_path, capsys):
         want_t = model.get_text_features(input_ids=ids, attention_mask=mask)
         got_v, got_t = net.embed_vision(x), net.embed_text(ids)
     dv, dt = (got_v - want_v).abs().max().item(), (got_t - want_t).abs().max().item()
-    with capsys.disabled():
+    with shown(capsys):
         print(f"\n  languagebind {name}: max |ours - upstream| vision {dv:.1e}, text {dt:.1e} "
               f"(|upstream| up to {want_v.abs().max().item():.2f})", end="")
     assert got_v.shape == want_v.shape == (shape[0], 16)
@@ -348,7 +361,7 @@ def test_languagebind_tokenizer_ids_equal_upstream(use_ftfy, vocabulary, tmp_pat
     for text, w in zip(texts, want):
         assert ours(text).tolist() == w, repr(text)
         differ += openai(text).tolist() != w
-    with capsys.disabled():
+    with shown(capsys):
         print(f"\n  languagebind tokenizer ({vocabulary} vocabulary, {'ftfy' if use_ftfy else 'no ftfy'}): "
               f"{len(texts)} texts equal upstream; "
               f"ImageBind's cleaning would change {differ}", end="")

@@ -89,6 +89,9 @@ def test_without_margin_and_ridge_the_update_is_the_euclidean_projection_onto_th
     g_tilde = g + g_mem.T @ v
     assert (g_mem @ g_tilde >= -1e-8).all()
     np.testing.assert_allclose(g_tilde, cone_projection_by_enumeration(g_mem, g), atol=1e-8)
+    # and the KKT conditions of the projection hold: v >= 0, G g~ >= 0, v_k (G g~)_k = 0
+    assert (v >= -1e-10).all()
+    np.testing.assert_allclose(v * (g_mem @ g_tilde), 0.0, atol=1e-8)
     assert np.linalg.norm(g_tilde - g) > 0.1     # the problem was violated
 
 
@@ -126,6 +129,9 @@ def one_update(learners, gem, batch, clip=1.0, hooks=True):
     def closure():
         learners.zero_grad(set_to_none=True)
         out = learners.forward_pairs(batch)
+        if hooks:  # what the trainer does for a strategy with output_grads: dL/du, dL/dv kept on out
+            out.u.retain_grad()
+            out.v.retain_grad()
         losses = gem.losses(batch, out) if hooks else {"contrastive_loss": info_nce(out.u, out.v)}
         sum(losses.values()).backward()
         return losses, out

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 import torch
@@ -118,14 +118,20 @@ def write_step(run: Path, index: int, *, learners: torch.nn.Module | None, strat
     return final
 
 
-def load_learners(path: Path, learners: torch.nn.Module) -> None:
-    """Load ``learners.safetensors`` into ``learners`` (strict)."""
+def load_learners(path: Path, learners: torch.nn.Module, *, absent_ok: Iterable[str] = ()) -> None:
+    """Load ``learners.safetensors`` into ``learners`` (strict).
+
+    ``absent_ok`` names modalities the file may lack (a run whose protocol was extended with a new
+    modality: its earlier steps have no learner for it, which stays as created, the identity).
+    """
     try:
         state = load_file(str(path))
     except (OSError, RuntimeError, ValueError) as exc:
         raise RunError(f"{path}: cannot read learners ({exc})") from None
     device = next(learners.parameters()).device
     missing, unexpected = learners.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    absent = set(absent_ok)
+    missing = [k for k in missing if not (k.startswith("layers.") and k.split(".")[1] in absent)]
     if missing or unexpected:
         raise RunError(f"{path}: learner keys do not match (missing {missing}, unexpected {unexpected})")
 
@@ -172,6 +178,45 @@ def feature_fingerprint(root: str | Path, backbone: str, datasets: list[str] | t
     return out
 
 
+#: Configuration fields that may change when ``--resume`` extends a run's protocol.
+PROTOCOL_FIELDS = ("protocol", "protocol_sha256")
+
+
+def _protocol_steps(header: dict) -> list[tuple[str, tuple[str, ...] | None]]:
+    """A header's protocol as ``(step key, metric kinds or None when not recorded)`` per step."""
+    proto = header.get("protocol") or {}
+    keys = list(proto.get("steps") or [])
+    metrics = proto.get("metrics")
+    if not isinstance(metrics, list) or len(metrics) != len(keys):
+        metrics = [None] * len(keys)
+    return [(k, tuple(m) if m is not None else None) for k, m in zip(keys, metrics)]
+
+
+def protocol_extension(old: dict, new: dict) -> int | None:
+    """How many steps ``new``'s protocol adds to ``old``'s, or ``None`` if it is not an extension.
+
+    An extension keeps every stored step (dataset, ordered pair and, when recorded, metric kinds)
+    in order and may append steps; 0 means the same steps (possibly from another file).
+    """
+    before, now = _protocol_steps(old), _protocol_steps(new)
+    if len(now) < len(before):
+        return None
+    for i, ((k0, m0), (k1, m1)) in enumerate(zip(before, now), start=1):
+        if k0 != k1 or (m0 is not None and m1 is not None and m0 != m1):
+            return None
+    return len(now) - len(before)
+
+
+def _first_change(old: dict, new: dict) -> str:
+    before, now = _protocol_steps(old), _protocol_steps(new)
+    for i, ((k0, m0), (k1, m1)) in enumerate(zip(before, now), start=1):
+        if k0 != k1:
+            return f"step {i} was {k0}, now {k1}"
+        if m0 is not None and m1 is not None and m0 != m1:
+            return f"step {i} ({k0}) scored {list(m0)}, now {list(m1)}"
+    return f"the run has {len(before)} steps, the new protocol only {len(now)}"
+
+
 def prepare_run_folder(run: Path, header: dict, *, resume: bool, overwrite: bool) -> None:
     """Make ``run`` ready to train into; refuse whatever would lose or mix up work.
 
@@ -179,6 +224,12 @@ def prepare_run_folder(run: Path, header: dict, *, resume: bool, overwrite: bool
     on ``--resume``) and ``features`` (the fingerprint; must match too). A folder that never
     finished a step (a failed start) is started afresh; one with finished steps needs ``resume``
     (or ``overwrite``, which deletes it first). The caller holds the folder's lock.
+
+    A run grows: under ``resume`` the protocol may be another one whose steps *extend* the stored
+    ones (same steps in the same order, at least one new one appended). Then only the protocol fields of the
+    configuration may differ, the stored datasets' feature files must be unchanged (new datasets
+    are added to the fingerprint), and ``config.json`` is replaced atomically by ``header`` with
+    the previous protocol appended to its ``history``. Any other protocol change is refused.
     """
     config_path = run / "config.json"
     if run.exists() and overwrite:
@@ -194,14 +245,29 @@ def prepare_run_folder(run: Path, header: dict, *, resume: bool, overwrite: bool
             old_cfg.pop("device", None)
             new_cfg.pop("device", None)
             diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
-            if diff:
+            added = protocol_extension(old, header)
+            if diff and set(diff) <= set(PROTOCOL_FIELDS) and added != 0:
+                if added is None:
+                    raise RunError(f"{run}: --resume with protocol {new_cfg.get('protocol')} that does not extend "
+                                   f"the run's {old_cfg.get('protocol')} ({_first_change(old, header)}); "
+                                   f"only appending steps is allowed")
+            elif diff:
                 raise RunError(f"{run}: --resume with a different configuration (differs in {', '.join(diff)}); "
                                f"use another --runs folder or --overwrite")
             before, now = old.get("features") or {}, header["features"]
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            changed = sorted(k for k in before if before.get(k) != now.get(k))
+            if not diff:  # same protocol: the same files, no more
+                changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             if changed:
                 raise RunError(f"{run}: --resume but the feature files changed since the run started "
                                f"({', '.join(changed)} under {new_cfg.get('features')}/{new_cfg.get('backbone')})")
+            if diff or old.get("protocol") != header.get("protocol"):
+                done = [i for i in finished_steps(run) if i >= 1]
+                history = list(old.get("history") or [])
+                history.append({"protocol": old.get("protocol"), "config_protocol": old_cfg.get("protocol"),
+                                "finished_steps": done[-1] if done else 0,
+                                "cmcl_version": old.get("cmcl_version"), "git_sha": old.get("git_sha")})
+                write_json(config_path, {**header, "history": history})
     elif run.exists() and any(run.iterdir()):
         raise RunError(f"{run} exists but has no config.json; remove it or pass --overwrite")
     run.mkdir(parents=True, exist_ok=True)

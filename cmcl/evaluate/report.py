@@ -72,7 +72,9 @@ def format_table(table: pd.DataFrame) -> str:
     cells = table[["backbone", "strategy", "n"]].astype({"n": int})
     for m in TABLE_METRICS:
         cells[m] = [("—" if np.isnan(a) else f"{a:.2f} ± {b:.2f}") for a, b in zip(table[f"{m}_mean"], table[f"{m}_std"])]
-    return cells.to_string(index=False, justify="left")
+    width = {c: max([len(c), *(len(str(v)) for v in cells[c])]) for c in cells}
+    return cells.to_string(index=False, justify="left",
+                           formatters={c: (lambda w: lambda v: f"{v!s:<{w}}")(width[c]) for c in cells})
 
 
 def heatmaps(results: pd.DataFrame, out_dir: Path, n_steps_by_run: dict[str, int],

@@ -40,17 +40,40 @@ def knn(xq: np.ndarray, xb: np.ndarray, k: int, *, use_gpu: bool = False) -> tup
     return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
+def _float32(x: np.ndarray) -> np.ndarray:
+    """``x.astype(np.float32)``, without the copy when ``x`` already is C-contiguous float32 (the
+    two give the same array, hence the same BLAS call and the same rounding)."""
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        return x
+    return x.astype(np.float32)
+
+
+#: Bytes of recount scores held at once (one row of ``len(xb)`` float32 scores per query).
+_RECOUNT_BYTES = 32 << 20
+
+
 def partner_ranks(xq: np.ndarray, xb: np.ndarray, targets: np.ndarray, k: int, *,
                   use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(g, e)`` per query: candidates scoring above the target, and tied with it (>= 1).
 
     ``g`` is exact when it is below ``k``; any ``g >= k`` means "not in the top k" and is reported
     as ``k``. Candidates are the rows of ``xb``; ``targets[i]`` is the row of query ``i``'s partner.
+
+    Queries whose partner ties with the last of FAISS's ``k`` results, or is missing from them but
+    scores within ``_NEAR_TIE`` of it, are recounted against every candidate. The inputs are
+    converted to float32 once, and the recount's scores are written block by block into one
+    buffer and counted a block at a time. Each query's scores are still one matrix-vector product
+    ``xb @ xq[i]``: a matrix-matrix product rounds differently, and OpenBLAS's sgemm does not even
+    give identical candidate rows identical scores, which would split exact ties.
     """
     nq = xq.shape[0]
     targets = np.asarray(targets, dtype=np.int64)
-    kk = min(k, xb.shape[0])
-    D, I = knn(xq, xb, kk, use_gpu=use_gpu)
+    # Query rows contiguous (a strided vector takes numpy's own loop, not BLAS); the candidates in
+    # their own layout, as ``xb.astype(np.float32)`` gives them.
+    xq32, xb32 = np.ascontiguousarray(xq, dtype=np.float32), _float32(xb)
+    nb = xb32.shape[0]
+    kk = min(k, nb)
+    D, I = knn(xq32, xb32, kk, use_gpu=use_gpu)
     g = np.full(nq, k, dtype=np.int64)
     e = np.ones(nq, dtype=np.int64)
     hit = I == targets[:, None]
@@ -63,17 +86,24 @@ def partner_ranks(xq: np.ndarray, xb: np.ndarray, targets: np.ndarray, k: int, *
         g[rows] = (D[rows] > s[:, None]).sum(axis=1)
         e[rows] = (D[rows] == s[:, None]).sum(axis=1)
         # A tie with the last retrieved score may continue beyond the k results: count exactly.
-        recount[rows[(s == last[rows]) & (kk < xb.shape[0])]] = True
+        recount[rows[(s == last[rows]) & (kk < nb)]] = True
     missing = np.flatnonzero(~found)
     if len(missing):
-        s = np.einsum("ij,ij->i", xq[missing].astype(np.float32), xb[targets[missing]].astype(np.float32))
+        s = np.einsum("ij,ij->i", xq32[missing], xb32[targets[missing]])
         scale = np.maximum(np.abs(last[missing]), 1.0)
         recount[missing[s >= last[missing] - _NEAR_TIE * scale]] = True
-    for i in np.flatnonzero(recount):
-        scores = xb.astype(np.float32) @ xq[i].astype(np.float32)
-        s = scores[targets[i]]
-        g[i] = min(int((scores > s).sum()), k)
-        e[i] = int((scores == s).sum())
+    todo = np.flatnonzero(recount)
+    if len(todo):
+        block = int(np.clip(_RECOUNT_BYTES // (4 * max(nb, 1)), 1, len(todo)))
+        buf = np.empty((block, nb), dtype=np.float32)
+        for lo in range(0, len(todo), block):
+            qs = todo[lo:lo + block]
+            scores = buf[:len(qs)]
+            for j, i in enumerate(qs):
+                np.matmul(xb32, xq32[i], out=scores[j])
+            s = scores[np.arange(len(qs)), targets[qs]][:, None]
+            g[qs] = np.minimum((scores > s).sum(axis=1), k)
+            e[qs] = (scores == s).sum(axis=1)
     return g, e
 
 

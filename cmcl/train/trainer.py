@@ -129,8 +129,9 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
                 out = learners.forward_pairs(batch)
                 out.epoch, out.update = epoch, update
                 if strategy.output_grads:  # d loss / d u and d v, on out.u.grad and out.v.grad
-                    out.u.retain_grad()
-                    out.v.retain_grad()
+                    for t in (out.u, out.v):
+                        if t.requires_grad:
+                            t.retain_grad()
                 losses = strategy.losses(batch, out)
                 total_loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
                 if total_loss.requires_grad:  # not when every learner of the batch is frozen
@@ -197,6 +198,8 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
     frozen = tuple(strategy.frozen(step))
     for m in frozen:  # kept out of autograd and of the optimizer for this step
         learners[m].requires_grad_(False)
+    transforms = dict(strategy.weight_grad_inputs(step))
+    learners.grad_inputs.update(transforms)  # installed for this step only
     try:
         opt = build_optimizer(learners, harness, frozen=frozen, extra=strategy.optimizer_groups(step))
         decay = (lambda u: max(0.0, (total - u) / total)) if harness.linear_decay else (lambda u: 1.0)
@@ -211,6 +214,8 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
     finally:
         for m in frozen:
             learners[m].requires_grad_(True)
+        for m in transforms:
+            learners.grad_inputs.pop(m, None)
     keys = sorted({k for r in records for k in r})
     table = {k: torch.stack([r.get(k, torch.tensor(float("nan"))).float().cpu() for r in records]).numpy()
              for k in keys}
@@ -278,7 +283,8 @@ class RunPlan:
         """The run's ``config.json``: configuration, feature fingerprint, protocol, versions."""
         p = self.protocol
         return {"config": self.cfg.to_dict(), "fingerprint": self.cfg.fingerprint(), "features": self.fingerprint,
-                "protocol": {"name": p.name, "source": p.source, "sha256": p.sha256, "steps": [s.key for s in p.steps]},
+                "protocol": {"name": p.name, "source": p.source, "sha256": p.sha256, "steps": [s.key for s in p.steps],
+                             "metrics": [list(s.metrics) for s in p.steps]},
                 "cmcl_version": __version__, "git_sha": _git_sha(), "torch": torch.__version__,
                 "python": platform.python_version()}
 
@@ -342,7 +348,10 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
         if last > len(protocol):
             raise RunError(f"{run}: has step {last} but the protocol has {len(protocol)} steps")
         if last >= 1:
-            runs.load_learners(runs.step_dir(run, last) / "learners.safetensors", learners)
+            # a protocol extended with a new modality: the stored steps have no learner for it yet
+            used = {m for step in protocol.steps[:last] for m in step.modalities}
+            runs.load_learners(runs.step_dir(run, last) / "learners.safetensors", learners,
+                               absent_ok=set(protocol.modalities) - used)
             strategy.load_state_dict(runs.load_strategy_state(runs.step_dir(run, last) / "strategy.pt"))
             log.info("%s: resuming after step %d", run, last)
         if last < 0:

@@ -1,4 +1,4 @@
-"""Readers of the seven CMCL datasets; see :mod:`cmcl.data.readers.base` for the contract.
+"""Readers of the seven CMCL datasets, and ``pairs`` for your own; see :mod:`cmcl.data.readers.base`.
 
 ``READERS`` maps the dataset's cache name to its reader class; :func:`get_reader` builds one and
 rejects unknown options with the accepted ones.
@@ -15,6 +15,7 @@ from cmcl.data.readers.clotho import Clotho
 from cmcl.data.readers.esc50 import ESC50
 from cmcl.data.readers.llvip import LLVIP
 from cmcl.data.readers.nyudv2 import NYUDv2
+from cmcl.data.readers.pairs import Pairs
 from cmcl.data.readers.tvl import TVL
 from cmcl.data.readers.ucf101 import UCF101
 from cmcl.data.readers.vggsound_s import VGGSoundS
@@ -32,10 +33,14 @@ READERS: dict[str, type[DatasetReader]] = {
     "llvip": LLVIP,
 }
 
+#: Generic readers of a user's own data (not one of the paper's datasets): ``pairs`` reads a manifest.
+GENERIC: dict[str, type[DatasetReader]] = {"pairs": Pairs}
+_ALL: dict[str, type[DatasetReader]] = {**READERS, **GENERIC}
+
 
 def reader_options(name: str) -> list[str]:
     """Keyword options the reader of ``name`` accepts besides ``data_root`` and ``cache_dir``."""
-    params = inspect.signature(READERS[name].__init__).parameters
+    params = inspect.signature(_ALL[name].__init__).parameters
     return [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "cache_dir"]
 
 
@@ -49,9 +54,9 @@ def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
     Example: ``parse_reader_options("vggsound_s", ["manifest=subset.csv", "ucf101.split_set=2"])``
     gives ``{"manifest": "subset.csv"}``.
     """
-    if name not in READERS:
-        raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(READERS)}")
-    params = inspect.signature(READERS[name].__init__).parameters
+    if name not in _ALL:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(_ALL)}")
+    params = inspect.signature(_ALL[name].__init__).parameters
     allowed = reader_options(name)
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -59,7 +64,7 @@ def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
             scope, key, value = split_assignment(pair)
         except ValueError:
             scope, key, value = None, "", ""
-        if scope is not None and scope in READERS:
+        if scope is not None and scope in _ALL:
             if scope != name:
                 continue
         elif scope is not None:
@@ -81,14 +86,14 @@ def parse_reader_options(name: str, pairs: Iterable[str]) -> dict[str, Any]:
 def get_reader(name: str, data_root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                **options) -> DatasetReader:
     """Build the reader of dataset ``name``; raises :class:`DatasetError` on an unknown name or option."""
-    if name not in READERS:
-        raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(READERS)}")
+    if name not in _ALL:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(_ALL)}")
     allowed = reader_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise DatasetError(f"{name}: unknown reader option(s) {unknown}; accepted: {allowed or 'none'}")
-    return READERS[name](data_root, cache_dir=cache_dir, **options)
+    return _ALL[name](data_root, cache_dir=cache_dir, **options)
 
 
-__all__ = ["READERS", "NO_LABEL", "DatasetReader", "Record", "Skip", "fingerprint", "get_reader",
+__all__ = ["READERS", "GENERIC", "Pairs", "NO_LABEL", "DatasetReader", "Record", "Skip", "fingerprint", "get_reader",
            "parse_reader_options", "reader_options"]

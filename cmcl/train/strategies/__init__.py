@@ -20,6 +20,7 @@ from cmcl.train.strategies.derpp import DERpp
 from cmcl.train.strategies.dns import DNS
 from cmcl.train.strategies.ewc import EWC
 from cmcl.train.strategies.gem import GEM
+from cmcl.train.strategies.gnsp import GNSP
 from cmcl.train.strategies.mnl import MNL
 from cmcl.train.strategies.pnr import PNR
 from cmcl.train.strategies.vanilla import Vanilla
@@ -39,6 +40,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "pnr": PNR,
     "zo": ZO,
     "mnl": MNL,
+    # DNS's closest newer relative (issue 10)
+    "gnsp": GNSP,
 }
 
 #: The paper's Table 2 order; strategies not listed follow alphabetically.

@@ -84,6 +84,11 @@ class Strategy:
         """Learners the trainer keeps out of autograd and of its optimizer during ``step``."""
         return ()
 
+    def weight_grad_inputs(self, step: StepInfo) -> Mapping[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Per modality, a map of the inputs from which the trainer's backward computes the *weight*
+        gradient during ``step`` (outputs and other gradients are unchanged): DNS's fused projection."""
+        return {}
+
     def optimizer_groups(self, step: StepInfo) -> list[dict[str, Any]]:
         """Extra parameter groups the trainer's optimizer trains during ``step``: dicts with
         ``params`` and optionally ``lr`` and ``weight_decay``; not clipped, not scheduled."""

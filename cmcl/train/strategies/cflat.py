@@ -40,7 +40,7 @@ class CFlat(Co2L):
     name = "cflat"
 
     def __init__(self, *, buffer_size: int = 256, distill_power: float = 1.0, kappa: float = 0.2,
-                 kappa_past: float = 0.01, temperature: float | None = None,
+                 kappa_past: float = 0.01, temperature: float | None = None, replay: str = "same_space",
                  rho: float = 0.2, lambda_cf: float = 0.2) -> None:
         """Co2L's hyperparameters plus C-Flat's.
 
@@ -49,7 +49,7 @@ class CFlat(Co2L):
             lambda_cf: λ, the weight of the first-order flatness term ``g3 - g2``.
         """
         super().__init__(buffer_size=buffer_size, distill_power=distill_power, kappa=kappa,
-                         kappa_past=kappa_past, temperature=temperature)
+                         kappa_past=kappa_past, temperature=temperature, replay=replay)
         if rho < 0 or lambda_cf < 0:
             raise ValueError("rho and lambda_cf must be >= 0")
         self.rho = float(rho)
@@ -62,13 +62,10 @@ class CFlat(Co2L):
         self._norms, self._work = [], {}
 
     def compute_gradients(self, closure: Closure) -> tuple[Losses, PairOutput]:
-        self._cache_targets, self._targets = True, None
-        try:
+        with self.same_batch():
             first = closure()
             self._record()                  # the loss terms at θ, not at the perturbed points
             self._flat_gradient(closure)
-        finally:
-            self._cache_targets, self._targets = False, None
         return first
 
     def _flat_gradient(self, closure: Closure) -> None:

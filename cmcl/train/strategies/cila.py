@@ -62,14 +62,16 @@ class CILA(Co2L):
     name = "cila"
 
     def __init__(self, *, buffer_size: int = 256, kappa: float = 0.2, kappa_past: float = 0.01,
-                 temperature: float | None = None, balance: float = 5.0, rule: str = "max") -> None:
+                 temperature: float | None = None, replay: str = "same_space", balance: float = 5.0,
+                 rule: str = "max") -> None:
         """Co2L's hyperparameters (its fixed ``distill_power`` is replaced by λ_t) plus CILA's.
 
         Args:
             balance: κ, the balancing coefficient of the loss ratio.
             rule: ``"max"`` (the method), or the paper's ablations ``"pure"`` and ``"min"``.
         """
-        super().__init__(buffer_size=buffer_size, kappa=kappa, kappa_past=kappa_past, temperature=temperature)
+        super().__init__(buffer_size=buffer_size, kappa=kappa, kappa_past=kappa_past, temperature=temperature,
+                         replay=replay)
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if balance < 0:

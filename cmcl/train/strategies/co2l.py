@@ -8,8 +8,15 @@ baselines.md §7:
   Co2L does, not drawn as a separate batch). Buffered rows keep their own modality pair, and the
   mixed batches are projected with each row's own learners.
 * **Asymmetric contrastive loss.** Only current rows are anchors; buffered rows act as extra
-  negatives: ``L_asym = (1/|C|) Σ_{i∈C} -log softmax_j(u_i·v_j/τ)[i]`` over every column j of the
-  batch. It is the run's InfoNCE exactly when the batch holds no buffered row (step 1).
+  negatives, but only through outputs that live in the anchor's target space (``replay``, the
+  erratum to baselines.md §7 item 3): an anchor u_i of modality a in a step (a, b) is scored
+  against every output of modality b in the batch (the b side of current rows and of buffered
+  pairs whose b side is b, and the a side of buffered pairs whose a side is b), never against an
+  output of another modality. ``L_asym = (1/|C|) Σ_{i∈C} -log softmax_{j∈S_b}(u_i·z_j/τ)[i]``.
+  It is the run's InfoNCE exactly when the batch holds no buffered row (step 1).
+  ``replay="own_pair"`` also lets each buffered pair anchor its own pair (its a output against
+  the outputs of its b modality); ``replay="all_rows"`` is the earlier mapping, which made every
+  buffered row's b output a negative whatever its modality (kept for the ablation only).
 * **Instance-wise relation distillation (IRD).** Over the 2n L2-normalised embeddings
   ``Z = normalise([U; V])``, the student's row-softmax over the other 2n-1 similarities at
   temperature κ is pulled towards a frozen teacher's (the learners at the start of the step) at
@@ -21,11 +28,14 @@ the trainer sums them. C-Flat (:mod:`.cflat`) and CILA (:mod:`.cila`) reuse this
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +72,64 @@ def asymmetric_contrastive(u: torch.Tensor, v: torch.Tensor, current: torch.Tens
         back = -torch.where(current, torch.log_softmax(logits, dim=0).diagonal(), 0.0).sum() / count
         return 0.5 * (loss + back)
     raise ValueError(f"unknown loss direction {direction!r}")
+
+
+REPLAY_MODES = ("same_space", "own_pair", "all_rows")
+
+
+def _codes(*names: np.ndarray) -> list[np.ndarray]:
+    """Integer codes of modality-name arrays, consistent across the arrays."""
+    joined = np.concatenate([np.asarray(n).astype(str) for n in names])
+    _, inverse = np.unique(joined, return_inverse=True)
+    out, lo = [], 0
+    for n in names:
+        out.append(inverse[lo:lo + len(n)])
+        lo += len(n)
+    return out
+
+
+def space_contrastive_rows(u: torch.Tensor, v: torch.Tensor, ma: np.ndarray, mb: np.ndarray,
+                           anchors: torch.Tensor, *, temperature: float = 1.0,
+                           direction: str = "a2b") -> torch.Tensor:
+    """Per-row InfoNCE whose negatives are the batch's outputs in the anchor's target space only.
+
+    Row r's anchor ``u_r`` (modality ``ma[r]``) is scored against every output of modality ``mb[r]``
+    in the batch: the ``v_j`` with ``mb[j] == mb[r]`` and the ``u_j`` with ``ma[j] == mb[r]``; its
+    positive is ``v_r``. An output of any other modality is never a candidate, so a step (a, b)
+    never pushes a away from the c outputs of a stored (a, c) pair. With ``direction="symmetric"``
+    the b→a term anchors ``v_r`` against the outputs of modality ``ma[r]`` and the two are averaged.
+
+    Args:
+        u, v: (n, d) outputs of the rows' a and b learners.
+        ma, mb: (n,) modality names.
+        anchors: (n,) bool, rows whose loss is formed.
+        temperature: τ.
+        direction: ``"a2b"`` or ``"symmetric"``.
+
+    Returns:
+        (n,) per-row losses, 0 where ``anchors`` is False.
+    """
+    if direction not in ("a2b", "symmetric"):
+        raise ValueError(f"unknown loss direction {direction!r}")
+    n = u.shape[0]
+    ca, cb = (torch.as_tensor(c, device=u.device) for c in _codes(ma, mb))
+    eye = torch.eye(n, dtype=torch.bool, device=u.device)
+
+    def one_way(anchor, partner, m_anchor, m_partner):
+        # candidates: [partner outputs | anchor-side outputs]; target space = the partner's modality
+        cand_mod = torch.cat([m_partner, m_anchor])
+        valid = cand_mod[None, :] == m_partner[:, None]
+        valid[:, n:] &= ~eye                            # an anchor is never its own negative
+        logits = anchor @ torch.cat([partner, anchor]).T
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=1)
+        return -torch.where(anchors, logp.diagonal(), 0.0)
+
+    rows = one_way(u, v, ca, cb)
+    if direction == "symmetric":
+        rows = 0.5 * (rows + one_way(v, u, cb, ca))
+    return rows
 
 
 def relation_targets(z_teacher: torch.Tensor, kappa_past: float) -> torch.Tensor:
@@ -123,7 +191,8 @@ class Co2L(Strategy):
     name = "co2l"
 
     def __init__(self, *, buffer_size: int = 256, distill_power: float = 1.0, kappa: float = 0.2,
-                 kappa_past: float = 0.01, temperature: float | None = None) -> None:
+                 kappa_past: float = 0.01, temperature: float | None = None,
+                 replay: str = "same_space") -> None:
         """Hyperparameters (baselines.md §1 table and §7).
 
         Args:
@@ -133,7 +202,13 @@ class Co2L(Strategy):
             kappa_past: the teacher's IRD temperature κ*.
             temperature: τ of the asymmetric contrastive loss; ``None`` uses the run's InfoNCE
                 temperature (1 by default, the paper's), which keeps step 1 equal to Vanilla.
+            replay: how buffered rows enter ``L_asym`` (the erratum to baselines.md §7 item 3):
+                ``"same_space"`` (negatives of an a-anchor are outputs of modality b only),
+                ``"own_pair"`` (the same, and buffered pairs also anchor their own pair), or
+                ``"all_rows"`` (every buffered b output is a negative: the superseded mapping).
         """
+        if replay not in REPLAY_MODES:
+            raise ValueError(f"replay must be one of {', '.join(REPLAY_MODES)}, got {replay!r}")
         if kappa <= 0 or kappa_past <= 0:
             raise ValueError("kappa and kappa_past must be > 0")
         if temperature is not None and temperature <= 0:
@@ -145,6 +220,7 @@ class Co2L(Strategy):
         self.kappa = float(kappa)
         self.kappa_past = float(kappa_past)
         self.temperature = None if temperature is None else float(temperature)
+        self.replay = replay
         self.buffer = ReplayBuffer(self.buffer_size)
         self.teacher: ModalityLearners | None = None
         self._step_index = 0
@@ -211,15 +287,32 @@ class Co2L(Strategy):
         if self._replay_rows == 0:
             # No buffered row can be in the batch: exactly the run's InfoNCE (Vanilla at step 1).
             asym = self._base(out.u, out.v)
-        else:
+        elif self.replay == "all_rows":
             asym = asymmetric_contrastive(out.u, out.v, batch.step == self._step_index,
                                           temperature=self.tau, direction=self.objective.direction)
+        else:
+            anchors = batch.step == self._step_index
+            if self.replay == "own_pair":
+                anchors = torch.ones_like(anchors)
+            rows = space_contrastive_rows(out.u, out.v, batch.ma, batch.mb, anchors,
+                                          temperature=self.tau, direction=self.objective.direction)
+            asym = rows.sum() / anchors.sum().clamp_min(1)
         if not self.distilling:
             self._raw = (asym.detach(), None)
             return {"asym_loss": asym}
         ird = relation_distillation(stacked_unit(out), self._teacher_targets(batch), self.kappa)
         self._raw = (asym.detach(), ird.detach())
         return {"asym_loss": asym, "ird_loss": self.distill_weight() * ird}
+
+    @contextlib.contextmanager
+    def same_batch(self):
+        """Within the block every evaluation is of one batch (C-Flat's perturbed points): the
+        teacher's relation targets are computed once and reused."""
+        self._cache_targets, self._targets = True, None
+        try:
+            yield
+        finally:
+            self._cache_targets, self._targets = False, None
 
     def _teacher_targets(self, batch: PairedFeatures) -> torch.Tensor:
         if self._cache_targets and self._targets is not None:

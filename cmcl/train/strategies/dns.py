@@ -4,8 +4,11 @@ For the pair (a, b) trained at a step, each active learner's weight gradient G i
 ``G - Q G P`` before the optimizer step, where
 
 * ``P`` (input side) projects onto the span of this modality's inputs from every earlier step that
-  trained it: the leading eigenvectors (eigenvalue > ``lambda_min``) of the running uncentred
-  covariance ``C_in[m]``, accumulated with the weights n̄_{t-1}/n̄_t and 1/n̄_t (Algorithm 1 line 16);
+  trained it: the leading eigenvectors (eigenvalue > ``lambda_min``) of the uncentred covariance
+  ``C_in[m]``, updated after each step that trains m as ``C ← (n̄_{t-1}/n̄_t) C + XᵀX/n̄_t``
+  (Algorithm 1 line 16), where n̄_t counts the pairs of *all* steps up to t: one count shared by
+  every modality, as in the paper and the authors' code (``count="shared"``, the default). A
+  modality first trained late enters with its eigenvalues scaled by n_t/n̄_t;
 * ``Q`` (output side) projects onto the span of the *paired* modality's outputs under the models
   of those steps: ``C_out[m]`` accumulates ``W_m' C(x_m') W_m'ᵀ`` right after each step that paired
   m with m' (the authors' ``feature_covariance2``), thresholded by ``lambda_left``.
@@ -15,7 +18,9 @@ update ``G - G P``: this is what the authors' code does (method.md finding 1). A
 gives the paper's genuinely dual-sided projection. Projectors are rebuilt before each step; a
 modality never trained before has ``P = 0`` (no projection).
 
-Options (off by default): ``energy_in``/``energy_out`` replace the absolute thresholds by an
+Options (off by default): ``count="modality"`` keeps one count per modality instead, i.e. a plain
+running mean of each modality's own inputs (cmcl's variant, not the paper's: late modalities keep
+more directions above ``lambda_min``); ``energy_in``/``energy_out`` replace the absolute thresholds by an
 energy ratio; ``project="update"`` projects the optimizer's final update instead of the gradient
 (the Adam-NSCL variant, exact under AdamW; method.md finding 3); ``project_bias=True`` treats the
 bias as the weight of a constant input (project over ``[x; 1]``), extending the guarantee to the
@@ -23,24 +28,26 @@ whole affine learner (finding 5).
 
 Speed: with ``Q = I`` (the default), the projected gradient is ``G − G P = δᵀ (X − X P)``, so when the
 trainer does not clip gradients DNS hands autograd the projected inputs for the weight gradient
-(``ModalityLearners.grad_inputs``) and the projection costs O(B·d·k) per batch instead of a d×d
+(its ``weight_grad_inputs`` hook) and the projection costs O(B·d·k) per batch instead of a d×d
 correction. It is the same update; ``fused=False`` turns it off. With clipping (reference harness)
 the hook route runs, which projects the clipped raw gradient as the authors do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.strategies.base import Strategy
 from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
 from cmcl.types import StepInfo
 
 _BLOCK = 8192
+#: ``shared``: Algorithm 1's n̄_t over all steps (the paper); ``modality``: a running mean per modality.
+COUNTS = ("shared", "modality")
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +58,7 @@ class DNS(Strategy):
     """Dual-sided null-space projection of the active learners' gradients."""
 
     name = "dns"
+    output_grads = True   # dL/du, dL/dv on out: the rank-B route
     # The paper's thresholds; synthetic's is ours (docs/synthetic.md): its per-dataset energy is
     # spread over ~16 directions and diluted by later datasets, so 0.01 keeps fewer of them.
     backbone_defaults = {
@@ -62,7 +70,10 @@ class DNS(Strategy):
 
     def __init__(self, *, lambda_min: float = 0.01, lambda_left: float = 0.0,
                  energy_in: float | None = None, energy_out: float | None = None,
-                 project: str = "gradient", project_bias: bool = False, fused: bool = True) -> None:
+                 project: str = "gradient", project_bias: bool = False, fused: bool = True,
+                 count: str = "shared") -> None:
+        if count not in COUNTS:
+            raise ValueError(f"count must be one of {', '.join(COUNTS)}, got {count!r}")
         if project not in ("gradient", "update"):
             raise ValueError(f"project must be 'gradient' or 'update', got {project!r}")
         for name, value in (("energy_in", energy_in), ("energy_out", energy_out)):
@@ -77,14 +88,16 @@ class DNS(Strategy):
         self.project = project
         self.project_bias = bool(project_bias)
         self.fused = bool(fused)
+        self.count = count
         self._fused_now: set[str] = set()
-        # modality -> running covariance (float64) and the number of rows behind it
+        # modality -> running covariance (float64) and the number of rows behind it; n_bar is the
+        # pairs of every step so far (Algorithm 1's n̄_t, the weight of the shared rule)
+        self.n_bar = 0
         self.cov_in: dict[str, torch.Tensor] = {}
         self.n_in: dict[str, int] = {}
         self.cov_out: dict[str, torch.Tensor] = {}
         self.n_out: dict[str, int] = {}
         self._proj: dict[str, tuple[Projector, Projector]] = {}
-        self._delta: dict[str, torch.Tensor] = {}
         self._before: dict[str, torch.Tensor] = {}
         self._ranks: dict[str, float] = {}
 
@@ -108,9 +121,12 @@ class DNS(Strategy):
             self._ranks[f"dns/rank_out/{m}"] = float(left.rank)
             if (self.fused and self.project == "gradient" and step.clip_norm is None and left.is_identity
                     and not right.is_zero):
-                self.learners.grad_inputs[m] = self._projected_inputs(self._proj[m][1])
                 self._fused_now.add(m)
         self._ranks["dns/fused"] = float(len(self._fused_now))
+
+    def weight_grad_inputs(self, step: StepInfo) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The fused route: the trainer computes the weight gradient of these learners from X (I − P)."""
+        return {m: self._projected_inputs(self._proj[m][1]) for m in self._fused_now}
 
     def _projected_inputs(self, right: Projector):
         """x ↦ x (I − P) (over [x; 1] with ``project_bias``): the weight gradient then is G − G P."""
@@ -120,13 +136,6 @@ class DNS(Strategy):
         return transform
 
     # ------------------------------------------------------------------ gradient projection
-    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
-        # Capture dL/du and dL/dv for the rank-B projection route.
-        if self.project == "gradient" and out.u.requires_grad and len(self._fused_now) < 2:
-            out.u.register_hook(lambda g: self._delta.__setitem__("a", g))
-            out.v.register_hook(lambda g: self._delta.__setitem__("b", g))
-        return super().losses(batch, out)
-
     def _sides(self, batch: PairedFeatures):
         pair = batch.single_pair
         if pair is None:
@@ -147,12 +156,12 @@ class DNS(Strategy):
             if layer.weight.grad is None:
                 continue
             g = self._flat(layer.weight.grad, layer.bias.grad)
-            delta = self._delta.get(side)
+            y = out.u if side == "a" else out.v
+            delta = y.grad if y.retains_grad else None  # dL/du or dL/dv (output_grads)
             xin = _augment(x) if self.project_bias else x
             # .grad = grad_scale · δᵀX: the trainer reports the clipping factor it applied.
             project_out(g, left, right, x=xin, delta=delta, scale=out.grad_scale, subtract=True)
             self._unflat(g, layer.weight.grad, layer.bias.grad)
-        self._delta.clear()
 
     def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
         if self.project != "update":
@@ -187,22 +196,23 @@ class DNS(Strategy):
 
     # ------------------------------------------------------------------ covariances
     def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
-        for m in self._fused_now:
-            self.learners.grad_inputs.pop(m, None)
         self._fused_now = set()
         a, b = step.modalities
         n = len(data)
+        shared = self.n_bar if self.count == "shared" else None
         with torch.no_grad():
             grams = {}
             for m, x in ((a, data.xa), (b, data.xb)):
                 grams[m] = self._gram(_augment(x) if self.project_bias else x)
-                self._accumulate(self.cov_in, self.n_in, m, grams[m], n)
+                self._accumulate(self.cov_in, self.n_in, m, grams[m], n, shared)
             # The partner's outputs W y (or W y + b) have the covariance W̃ (YᵀY) W̃ᵀ: reuse the input
             # Gram matrix instead of pushing every row through the learner (2d³ instead of 4Nd²).
             for m, other in ((a, b), (b, a)):
                 layer = self.learners[other]
                 w = self._flat(layer.weight, layer.bias).to(torch.float64)
-                self._accumulate(self.cov_out, self.n_out, m, w @ grams[other] @ w.T, n)
+                self._accumulate(self.cov_out, self.n_out, m, w @ grams[other] @ w.T, n, shared)
+        self.n_bar += n
+        self._ranks["dns/n_bar"] = float(self.n_bar)
 
     @staticmethod
     def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -214,12 +224,16 @@ class DNS(Strategy):
 
     @staticmethod
     def _accumulate(store: dict[str, torch.Tensor], counts: dict[str, int], m: str, gram: torch.Tensor,
-                    n: int) -> None:
-        """Running mean (Algorithm 1 line 16): C ← (n̄ C + Σ x xᵀ) / (n̄ + n)."""
-        n_old = counts.get(m, 0)
+                    n: int, shared: int | None) -> None:
+        """Algorithm 1 line 16: C ← (n̄_{t-1}/n̄_t) C + Σ x xᵀ / n̄_t with n̄_t = n̄_{t-1} + n.
+
+        ``shared`` is n̄_{t-1}, the pairs of every earlier step (the paper's count); ``None`` uses the
+        rows this modality has seen (``count="modality"``: a plain running mean per modality).
+        """
+        n_old = counts.get(m, 0) if shared is None else shared
         total = n_old + n
         store[m] = store[m] * (n_old / total) + gram / total if m in store else gram / total
-        counts[m] = total
+        counts[m] = counts.get(m, 0) + n
 
     # ------------------------------------------------------------------ bookkeeping
     def report(self) -> dict[str, float]:
@@ -229,6 +243,7 @@ class DNS(Strategy):
         return {
             "cov_in": {m: c.cpu() for m, c in self.cov_in.items()}, "n_in": dict(self.n_in),
             "cov_out": {m: c.cpu() for m, c in self.cov_out.items()}, "n_out": dict(self.n_out),
+            "n_bar": self.n_bar,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -237,3 +252,7 @@ class DNS(Strategy):
         self.n_in = {m: int(n) for m, n in state["n_in"].items()}
         self.cov_out = {m: c.to(device) for m, c in state["cov_out"].items()}
         self.n_out = {m: int(n) for m, n in state["n_out"].items()}
+        if "n_bar" not in state and self.count == "shared" and self.cov_in:
+            raise ValueError("this DNS checkpoint predates the shared pair count (Algorithm 1's n̄); "
+                             "resume it with -p count=modality")
+        self.n_bar = int(state.get("n_bar", 0))

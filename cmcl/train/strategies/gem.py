@@ -90,6 +90,7 @@ class GEM(Strategy):
     """Gradient episodic memory with a step-balanced memory and an exact dual QP."""
 
     name = "gem"
+    output_grads = True   # dL/du, dL/dv on out: the rank-B route
 
     def __init__(self, *, margin: float = 0.5, ridge: float = 1e-3, buffer_size: int = 256,
                  solver: str = "quadprog") -> None:
@@ -104,7 +105,6 @@ class GEM(Strategy):
         self._mem: dict[str, Any] | None = None
         self._grads: dict[str, Any] | None = None
         self.last_dots: torch.Tensor | None = None     # <g, g_k> of the last update (diagnostic)
-        self._delta: dict[str, torch.Tensor] = {}
         self._stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ memory of past steps
@@ -179,30 +179,26 @@ class GEM(Strategy):
         self._grads = self.memory_gradients()
         return closure()
 
-    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
-        # dL/du and dL/dv of the current batch: with them <g, g_k> costs O(N B d), not O(N d^2).
-        self._delta = {}
-        if out.u.requires_grad:
-            out.u.register_hook(lambda g: self._delta.__setitem__("a", g))
-            out.v.register_hook(lambda g: self._delta.__setitem__("b", g))
-        return super().losses(batch, out)
+    def _current_factors(self, batch: PairedFeatures, out: PairOutput
+                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """``{m: (Delta, X)}`` with ``grad W_m = Delta^T X`` (before clipping), or None if unavailable.
 
-    def _current_factors(self, batch: PairedFeatures) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-        """``{m: (Delta, X)}`` with ``grad W_m = Delta^T X`` (before clipping), or None if unavailable."""
+        Delta is dL/du (dL/dv), which the trainer keeps on ``out`` since ``output_grads`` is set.
+        """
         pair = batch.single_pair
-        delta = getattr(self, "_delta", {})
-        if pair is None or pair[0] == pair[1] or "a" not in delta or "b" not in delta:
+        if (pair is None or pair[0] == pair[1] or not (out.u.retains_grad and out.v.retains_grad)
+                or out.u.grad is None or out.v.grad is None):
             return None
-        return {pair[0]: (delta["a"], batch.xa), pair[1]: (delta["b"], batch.xb)}
+        return {pair[0]: (out.u.grad, batch.xa), pair[1]: (out.v.grad, batch.xb)}
 
-    def _dots(self, mg: dict[str, Any], batch: PairedFeatures) -> tuple[torch.Tensor, float]:
+    def _dots(self, mg: dict[str, Any], batch: PairedFeatures, out: PairOutput) -> tuple[torch.Tensor, float]:
         """``<g, g_k>`` for every k (float64) and ``||g||^2`` over the current pair's parameters."""
         k = mg["k"]
         device = mg["gram"].device
         dots = torch.zeros(k, dtype=torch.float64, device=device)
         g_sq = sum(float(torch.linalg.vector_norm(p.grad)) ** 2 for m in self._cur
                    for p in self.learners[m].parameters() if p.grad is not None)
-        cur = self._current_factors(batch)
+        cur = self._current_factors(batch, out)
         if cur is not None and set(cur) == set(self._cur):
             # The trainer's clipping scales .grad by c <= 1: recover c from the norms.
             struct_sq, raw = 0.0, torch.zeros(k, dtype=torch.float64, device=device)
@@ -230,11 +226,9 @@ class GEM(Strategy):
         self._stats["updates"] += 1
         mg, self._grads = self._grads, None
         if mg is None or not mg["factors"]:
-            self._delta = {}
             return
         k = mg["k"]
-        dots, g_sq = self._dots(mg, batch)
-        self._delta = {}
+        dots, g_sq = self._dots(mg, batch, out)
         self._stats["constraints"] += k
         # cosine of g with each g_k: how close the update came to a violation
         norms = mg["gram"].diagonal().clamp_min(0).sqrt() * g_sq ** 0.5

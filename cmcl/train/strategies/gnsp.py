@@ -1,0 +1,239 @@
+"""GNSP: gradient null-space projection with distillation and alignment preservation.
+
+Peng, Liu, Yang, Hong & Tian, "GNSP: Gradient Null Space Projection for Preserving Cross-Modal
+Alignment in VLMs Continual Learning", arXiv 2507.19839, mapped onto per-modality linear learners
+(docs/strategies.md, section GNSP, puts the source beside this translation). Three parts:
+
+* **Null-space projection.** After each step, every learner of the pair adds its inputs to a data
+  matrix ``M_m``: the sum over chunks of ``gram_batch`` rows of ``X_cᵀX_c / ‖X_cᵀX_c‖_F``, scaled
+  to unit Frobenius norm, and merged as ``M ← M/‖M‖_F + M_step`` (the source's rule for the CLIP
+  projection ``visual.proj``, the layer a cmcl learner stands for; ``accumulate="sum"`` is its
+  rule for the FFN layers, ``M ← M + M_step``). Before a step, the fewest leading eigenvectors of
+  ``M_m`` holding more than ``1 - rho`` of its eigenvalue mass span the protected subspace, and
+  every weight gradient is replaced by ``G - G P`` before the optimizer step (input side only).
+  A modality never trained before is not projected.
+* **Knowledge distillation** on a reference batch, both directions: with ``S`` the student's and
+  ``S⁰`` the teacher's logits ``s·normalise(u)·normalise(v)ᵀ``,
+  ``L_kd = T² [CE(S/T, softmax(S⁰/T)) + CE(Sᵀ/T, softmax(S⁰ᵀ/T))]``.
+* **Modality alignment preservation (MAP)**: the CLIP loss of the reference batch under the
+  student, both directions, with label smoothing: ``L_map = CE_ls(S, I) + CE_ls(Sᵀ, I)``.
+
+The loss is ``L_base + distill · L_kd + map · L_map`` and the projection applies to its whole
+gradient, as in the source. By default the biases are frozen (the source trains weight matrices
+only), which makes the guarantee exact for the affine learner under plain gradient descent.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from cmcl.data.paired import PairedFeatures
+from cmcl.train.learners import ModalityLearners, PairOutput
+from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.strategies.projection import Projector, projector_from_covariance
+from cmcl.types import StepInfo
+
+ACCUMULATE = ("proj", "sum")
+TEACHERS = ("initial", "previous")
+
+
+def data_matrix(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``Σ_c X_cᵀX_c / ‖X_cᵀX_c‖_F`` over consecutive chunks of ``chunk`` rows, in float64.
+
+    ``‖X_cᵀX_c‖_F = ‖X_c X_cᵀ‖_F``, so each chunk's norm comes from a chunk × chunk Gram matrix and
+    the sum is one weighted d × d product ``Xᵀ diag(w) X``.
+    """
+    x = x.to(torch.float64)
+    n = x.shape[0]
+    weights = torch.empty(n, dtype=torch.float64, device=x.device)
+    for lo in range(0, n, chunk):
+        block = x[lo:lo + chunk]
+        norm = torch.linalg.matrix_norm(block @ block.T)
+        weights[lo:lo + chunk] = 1.0 / norm if norm > 0 else 0.0
+    return x.T @ (x * weights[:, None])
+
+
+def _unit(m: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.matrix_norm(m)
+    return m / norm if norm > 0 else m
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · CE(student/T, softmax(teacher/T))``, the mean over rows (the source's ``distillation``)."""
+    target = torch.softmax(teacher / temperature, dim=1)
+    return F.cross_entropy(student / temperature, target) * temperature ** 2
+
+
+class GNSP(Strategy):
+    """Input-side null-space projection of the weight gradients, plus KD and MAP on a reference batch."""
+
+    name = "gnsp"
+
+    def __init__(self, *, rho: float = 0.15, distill: float = 1.0, map: float = 0.75,
+                 kd_temperature: float = 2.0, label_smoothing: float = 0.2, logit_scale: float | None = None,
+                 ref_batch: int = 64, teacher: str = "initial", gram_batch: int = 16,
+                 accumulate: str = "proj", train_bias: bool = False) -> None:
+        """Hyperparameters (the source's ``configs/mtil_order_I.json`` and ``src/args.py``).
+
+        Args:
+            rho: the largest share of the data matrix's eigenvalue mass left unprotected
+                (``gnsp_rho``); the protected subspace holds at least ``1 - rho`` of it.
+            distill: weight of ``L_kd`` (``distill``).
+            map: weight of ``L_map`` (``map``).
+            kd_temperature: T of the distillation (``T``).
+            label_smoothing: of the MAP cross-entropies (``label_smoothing``).
+            logit_scale: s, the scale of the reference logits. ``None`` uses 1/τ of the run's
+                InfoNCE, the scale the base loss trains with (the source uses its backbone's CLIP
+                scale, 100, for both its task loss and these terms).
+            ref_batch: pairs in each reference batch (the source's batch size).
+            teacher: ``"initial"`` (the frozen encoders, i.e. identity learners: the source's
+                ``ref_model="initial"``) or ``"previous"`` (the learners at the start of the step).
+            gram_batch: rows per chunk of the data matrix (the source's 16).
+            accumulate: ``"proj"`` or ``"sum"``, see the module docstring.
+            train_bias: train the biases too (the source freezes them; off by default).
+        """
+        if not 0 <= rho < 1:
+            raise ValueError(f"rho must be in [0, 1), got {rho}")
+        if distill < 0 or map < 0:
+            raise ValueError("distill and map must be >= 0")
+        if kd_temperature <= 0:
+            raise ValueError("kd_temperature must be > 0")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if logit_scale is not None and logit_scale <= 0:
+            raise ValueError("logit_scale must be > 0")
+        if ref_batch < 2 or gram_batch < 1:
+            raise ValueError("ref_batch must be >= 2 and gram_batch >= 1")
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got {teacher!r}")
+        if accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {', '.join(ACCUMULATE)}, got {accumulate!r}")
+        self.rho = float(rho)
+        self.distill = float(distill)
+        self.map = float(map)
+        self.kd_temperature = float(kd_temperature)
+        self.label_smoothing = float(label_smoothing)
+        self.logit_scale = None if logit_scale is None else float(logit_scale)
+        self.ref_batch = int(ref_batch)
+        self.teacher_kind = teacher
+        self.gram_batch = int(gram_batch)
+        self.accumulate = accumulate
+        self.train_bias = bool(train_bias)
+        self.matrices: dict[str, torch.Tensor] = {}     # modality -> data matrix M_m (float64)
+        self._proj: dict[str, Projector] = {}
+        self._ref: PairedFeatures | None = None
+        self._gen: torch.Generator | None = None
+        self._teacher: ModalityLearners | None = None
+        self._sums: dict[str, float] = {}
+        self._report: dict[str, float] = {}
+
+    @property
+    def scale(self) -> float:
+        """s, the logit scale of the reference terms."""
+        return 1.0 / self.objective.temperature if self.logit_scale is None else self.logit_scale
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.distill > 0 or self.map > 0
+
+    # ------------------------------------------------------------------ per step
+    def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        device = self.learners[step.modalities[0]].weight.device
+        self._proj, self._sums, self._report = {}, {"kd": 0.0, "map": 0.0, "updates": 0}, {}
+        for m in dict.fromkeys(step.modalities):
+            if m in self.matrices:
+                p = projector_from_covariance(self.matrices[m], energy=1.0 - self.rho) if self.rho > 0 \
+                    else Projector.identity(self.learners.dim)
+            else:
+                p = Projector.zero(self.learners.dim)
+            self._proj[m] = p.to(device)
+            self._report[f"gnsp/rank/{m}"] = float(p.rank)
+        self._ref = data
+        self._gen = torch.Generator().manual_seed(step.seed)
+        self._teacher = None
+        if self.uses_reference and self.teacher_kind == "previous":
+            self._teacher = copy.deepcopy(self.learners).requires_grad_(False)
+
+    def reference_losses(self, ref: PairedFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_kd, L_map)`` of a reference batch (unweighted)."""
+        out = self.learners.forward_pairs(ref)
+        s = self.scale
+        student = s * F.normalize(out.u, dim=1) @ F.normalize(out.v, dim=1).T
+        with torch.no_grad():
+            if self._teacher is None:      # the initial learners are the identity: outputs = inputs
+                tu, tv = ref.xa, ref.xb
+            else:
+                t = self._teacher.forward_pairs(ref)
+                tu, tv = t.u, t.v
+            teacher = s * F.normalize(tu, dim=1) @ F.normalize(tv, dim=1).T
+        T = self.kd_temperature
+        kd = distillation(student, teacher, T) + distillation(student.T, teacher.T, T)
+        target = torch.arange(len(ref), device=student.device)
+        ls = self.label_smoothing
+        align = F.cross_entropy(student, target, label_smoothing=ls) + \
+            F.cross_entropy(student.T, target, label_smoothing=ls)
+        return kd, align
+
+    def _draw(self) -> PairedFeatures:
+        """A reference batch: an independent uniform draw from the step's own pairs."""
+        n = len(self._ref)
+        pick = torch.randperm(n, generator=self._gen)[:min(self.ref_batch, n)]
+        return self._ref.select(pick)
+
+    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
+        losses = super().losses(batch, out)
+        if not self.uses_reference or self._ref is None or len(self._ref) < 2:
+            return losses
+        kd, align = self.reference_losses(self._draw())
+        self._sums["kd"] += float(kd.detach())
+        self._sums["map"] += float(align.detach())
+        self._sums["updates"] += 1
+        if self.distill > 0:
+            losses["kd_loss"] = self.distill * kd
+        if self.map > 0:
+            losses["map_loss"] = self.map * align
+        return losses
+
+    def before_update(self, batch: PairedFeatures, out: PairOutput) -> None:
+        with torch.no_grad():
+            for m, p in self._proj.items():
+                layer = self.learners[m]
+                if not self.train_bias:
+                    layer.bias.grad = None       # frozen: AdamW skips it (no decay, no moments)
+                g = layer.weight.grad
+                if g is None or p.is_zero:
+                    continue
+                g.sub_(p.right(g))               # G ← G − G P: G now lies in the null space
+
+    # ------------------------------------------------------------------ data matrices
+    def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        self._ref, self._teacher = None, None
+        with torch.no_grad():
+            for m, x in ((step.modalities[0], data.xa), (step.modalities[1], data.xb)):
+                new = _unit(data_matrix(x, self.gram_batch))
+                old = self.matrices.get(m)
+                if old is None:
+                    self.matrices[m] = new
+                elif self.accumulate == "proj":
+                    self.matrices[m] = _unit(old) + new
+                else:
+                    self.matrices[m] = old + new
+        updates = self._sums.get("updates", 0)
+        if updates:
+            self._report["gnsp/kd_loss"] = self._sums["kd"] / updates
+            self._report["gnsp/map_loss"] = self._sums["map"] / updates
+
+    def report(self) -> dict[str, float]:
+        """Protected rank per learner of the step, and the mean raw KD and MAP losses."""
+        return dict(self._report)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"matrices": {m: c.cpu() for m, c in self.matrices.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = next(self.learners.parameters()).device
+        self.matrices = {m: c.to(device) for m, c in state["matrices"].items()}

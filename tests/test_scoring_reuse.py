@@ -1,0 +1,73 @@
+"""Scoring during training re-embeds only what changed, and reuses the rest exactly."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from cmcl import pipeline
+from cmcl.data import runs as run_files
+from cmcl.data.paired import StepData
+from cmcl.data.protocol import load_protocol
+from cmcl.evaluate.evaluator import EvalSettings, Scorer, score
+from cmcl.pipeline import embedder, rescore_run, train_one
+from cmcl.train.config import TrainConfig
+from cmcl.train.learners import ModalityLearners
+
+TWO_WORLDS = """
+[[step]]
+dataset = "nyudv2"
+modalities = ["vision", "depth"]
+
+[[step]]
+dataset = "esc50"
+modalities = ["text", "audio"]
+
+[[step]]
+dataset = "clotho"
+modalities = ["text", "audio"]
+"""
+
+
+def test_scorer_reuses_exactly_the_splits_whose_modalities_did_not_change(tiny_cache, tmp_path):
+    proto = tmp_path / "p.toml"
+    proto.write_text(TWO_WORLDS)
+    data = StepData(tiny_cache, "synthetic", load_protocol(str(proto)))
+    tests = data.test_sets()
+    torch.manual_seed(0)
+    learners = ModalityLearners(["vision", "depth", "text", "audio"], data.dim)
+    scorer = Scorer(tests, EvalSettings("full"))
+    scorer(embedder(learners), 0)
+    with torch.no_grad():
+        learners["text"].weight.add_(0.3 * torch.randn_like(learners["text"].weight))
+    rows = scorer(embedder(learners), 1, changed={"text"})
+    assert (scorer.computed, scorer.reused) == (3 + 2, 1)  # nyudv2 reused; esc50 and clotho re-scored
+    # reused or not, the rows are what scoring from scratch gives
+    assert pd.DataFrame(rows).equals(pd.DataFrame(score(embedder(learners), tests, 1, EvalSettings("full"))))
+    # a change nobody scores reuses everything; unknown changes (None) re-score everything
+    scorer(embedder(learners), 2, changed=set())
+    assert scorer.reused == 1 + 3
+    scorer(embedder(learners), 3, changed=None)
+    assert scorer.computed == 5 + 3
+
+
+def test_training_reuses_rows_and_they_equal_a_rescore_from_checkpoints(tiny_cache, tmp_path, monkeypatch):
+    proto = tmp_path / "p.toml"
+    proto.write_text(TWO_WORLDS)
+    made = []
+    real = pipeline.Scorer
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline, "Scorer", spy)
+    cfg = TrainConfig(features=str(tiny_cache), backbone="synthetic", strategy="vanilla", protocol=str(proto),
+                      epochs=1, batch_size=32)
+    run = train_one(cfg, tmp_path / "runs")
+    [scorer] = made
+    # after step 1 (vision-depth) the two text-audio splits are reused; after steps 2 and 3, nyudv2 is
+    assert scorer.reused == 2 + 1 + 1 and scorer.computed == 3 + 1 + 2 + 2
+    stored = run_files.read_eval(run)
+    again = rescore_run(run, EvalSettings(cfg.recall_protocol, cfg.pool_size, cfg.pool_count, cfg.eval_seed))
+    pd.testing.assert_frame_equal(stored.reset_index(drop=True), again[stored.columns].reset_index(drop=True))
