@@ -146,15 +146,17 @@ def load_strategy_state(path: Path) -> dict:
         raise RunError(f"{path}: cannot load strategy state ({type(exc).__name__}: {exc})") from None
 
 
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A run file as a frame, naming the file on failure."""
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RunError(f"{path}: cannot read ({exc})") from None
+
+
 def read_eval(run: Path) -> pd.DataFrame:
     """Every finished step's eval rows of a run, in step order."""
-    frames = []
-    for i in finished_steps(run):
-        path = step_dir(run, i) / "eval.csv"
-        try:
-            frames.append(pd.read_csv(path))
-        except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise RunError(f"{path}: cannot read ({exc})") from None
+    frames = [read_eval_step(run, i) for i in finished_steps(run)]
     if not frames:
         return pd.DataFrame(columns=EVAL_COLUMNS)
     return pd.concat(frames, ignore_index=True)
@@ -320,10 +322,7 @@ def read_losses(run: Path) -> pd.DataFrame:
         path = step_dir(run, i) / "losses.csv"
         if i == 0 or not path.is_file():
             continue
-        try:
-            frames.append(pd.read_csv(path).assign(step=i))
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise RunError(f"{path}: cannot read ({exc})") from None
+        frames.append(_read_csv(path).assign(step=i))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "epoch", "update"])
 
 
@@ -335,20 +334,12 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 def read_eval_step(run: Path, index: int) -> pd.DataFrame:
     """One finished step's eval rows."""
-    path = step_dir(run, index) / "eval.csv"
-    try:
-        return pd.read_csv(path)
-    except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise RunError(f"{path}: cannot read ({exc})") from None
+    return _read_csv(step_dir(run, index) / "eval.csv")
 
 
 def read_step_losses(run: Path, index: int) -> pd.DataFrame:
     """One trained step's per-update records (``losses.csv``)."""
-    path = step_dir(run, index) / "losses.csv"
-    try:
-        return pd.read_csv(path)
-    except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise RunError(f"{path}: cannot read ({exc})") from None
+    return _read_csv(step_dir(run, index) / "losses.csv")
 
 
 # ---------------------------------------------------------------------------------- cluster jobs
