@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,27 +31,35 @@ def random_pairs(n: int, d: int, seed: int, pair: tuple[str, str], step: int = 0
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_process(args: list[str], *, timeout: float = 120, env: dict | None = None,
-                cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python ARGS...`` as a fresh interpreter in its own process group.
+@contextlib.contextmanager
+def process_group(args: list[str], *, env: dict | None = None, cwd: str | Path | None = None,
+                  **popen: Any) -> Iterator[subprocess.Popen]:
+    """``python ARGS...`` as a fresh interpreter in its own process group, killed with the block.
 
-    A fresh interpreter (never a fork of the test process, whose torch thread pool may be running) and
-    a process group that is killed on the way out, whatever happens: no child or grandchild (DataLoader
-    workers, say) outlives the test, and a hang becomes ``subprocess.TimeoutExpired`` after ``timeout``.
+    A fresh interpreter (never a fork of the test process, whose torch thread pool may be running),
+    and its whole group SIGKILLed on the way out whatever happens: no child or grandchild
+    (DataLoader or sweep workers, say) outlives the test.
     """
     full_env = dict(os.environ if env is None else env)
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=cwd or REPO, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, *args], env=full_env, cwd=cwd or REPO, start_new_session=True, **popen)
     try:
-        out, err = proc.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        yield proc
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def run_process(args: list[str], *, timeout: float = 120, env: dict | None = None,
+                cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python ARGS...`` in its own process group (:func:`process_group`) to completion; a hang
+    becomes ``subprocess.TimeoutExpired`` after ``timeout``."""
+    with process_group(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def noisy_pairs(n: int, d: int, *, noise: float, pair: tuple[str, str], step: int, seed: int = 0) -> PairedFeatures:

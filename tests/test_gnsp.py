@@ -17,7 +17,7 @@ from cmcl.train.strategies.gnsp import data_matrix
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 
-from tests.test_dns import alignment, generic_pairs, low_rank_pairs
+from tests.test_dns import generic_pairs, low_rank_pairs
 
 D = 12
 SGD = Harness(lr=0.5, weight_decay=0.0, decay_bias=True, linear_decay=False, clip_norm=None, optimizer="sgd")

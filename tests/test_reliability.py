@@ -10,7 +10,6 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from cmcl.cli import cli
 from cmcl.data import locks
 from cmcl.data.features import shard_path
 from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
-from tests.helpers import REPO, run_process
+from tests.helpers import process_group, run_process
 
 TWO_STEPS = """
 [[step]]
@@ -160,15 +159,9 @@ def lock_held_by_another_process(path: Path, what: str):
     """A second, real process holding the lock of ``path`` until the block ends (then it is killed)."""
     code = (f"import sys, time\nfrom cmcl.data.locks import acquire\nacquire({str(path)!r}, {what!r})\n"
             "print('locked', flush=True)\ntime.sleep(120)\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
+    with process_group(["-c", code], stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout.readline().strip() == "locked"
         yield
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_a_run_folder_written_by_another_process_is_busy(cache, tmp_path):

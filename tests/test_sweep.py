@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from click.testing import CliRunner
 
 from cmcl.cli import cli
 from cmcl.sweep import expand_grid, threads_per_job
-from tests.helpers import REPO
+from tests.helpers import process_group
 
 
 def invoke(*args):
@@ -162,14 +161,11 @@ def _children(pid: int) -> list[int]:
 
 
 def test_workers_end_when_the_parent_is_killed(tiny_cache, short_protocol, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "cmcl", "train", "--features", str(tiny_cache), "--backbone",
-                             "synthetic", "--protocol", str(short_protocol), "--runs", str(tmp_path / "runs"),
-                             "--epochs", "200", "--device", "cpu", "--seeds", "0,1", "--jobs", "2", "--threads", "1",
-                             "-q"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    args = ["-m", "cmcl", "train", "--features", str(tiny_cache), "--backbone", "synthetic", "--protocol",
+            str(short_protocol), "--runs", str(tmp_path / "runs"), "--epochs", "200", "--device", "cpu", "--seeds",
+            "0,1", "--jobs", "2", "--threads", "1", "-q"]
     workers: list[int] = []
-    try:
+    with process_group(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the pool's workers are up once the run folders appear
             workers = [c for c in _children(proc.pid) if b"cmcl" in Path(f"/proc/{c}/cmdline").read_bytes()
@@ -184,9 +180,3 @@ def test_workers_end_when_the_parent_is_killed(tiny_cache, short_protocol, tmp_p
         while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
             time.sleep(0.2)
         assert not any(Path(f"/proc/{w}").exists() for w in workers)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
