@@ -169,7 +169,7 @@ def rescore_run(run: Path, settings: EvalSettings, device: str = "cpu", features
     protocol = load_protocol(cfg["protocol"])
     data = StepData(features or cfg["features"], cfg["backbone"], protocol)
     scorer = Scorer(data.test_sets(), settings)
-    learners = ModalityLearners(protocol.modalities, data.dim).to(device)
+    learners = ModalityLearners(protocol.modalities, data.dim, device=device)
     initial = {k: v.clone() for k, v in learners.state_dict().items()}
     rows: list[dict] = []
     for i in run_files.finished_steps(run):

@@ -50,10 +50,10 @@ class PairedFeatures:
     @classmethod
     def from_arrays(cls, xa: np.ndarray | torch.Tensor, xb: np.ndarray | torch.Tensor,
                     modalities: tuple[str, str], step: int, labels: np.ndarray | None = None,
-                    ids: np.ndarray | None = None) -> "PairedFeatures":
-        """Build a single-pair set from two (N, D) arrays."""
-        xa = torch.as_tensor(xa, dtype=torch.float32)
-        xb = torch.as_tensor(xb, dtype=torch.float32)
+                    ids: np.ndarray | None = None, device: torch.device | str = "cpu") -> "PairedFeatures":
+        """Build a single-pair set from two (N, D) arrays, on ``device`` (whatever torch's default device)."""
+        xa = torch.as_tensor(xa, dtype=torch.float32, device=device)
+        xb = torch.as_tensor(xb, dtype=torch.float32, device=device)
         n = xa.shape[0]
         if xb.shape != xa.shape:
             raise ValueError(f"paired arrays differ in shape: {tuple(xa.shape)} vs {tuple(xb.shape)}")
@@ -61,8 +61,8 @@ class PairedFeatures:
             xa=xa, xb=xb,
             ma=np.full(n, modalities[0], dtype=f"<U{max(len(modalities[0]), 1)}"),
             mb=np.full(n, modalities[1], dtype=f"<U{max(len(modalities[1]), 1)}"),
-            step=torch.full((n,), int(step), dtype=torch.int64),
-            labels=torch.as_tensor(labels if labels is not None else np.full(n, -1), dtype=torch.int64),
+            step=torch.full((n,), int(step), dtype=torch.int64, device=device),
+            labels=torch.as_tensor(labels if labels is not None else np.full(n, -1), dtype=torch.int64, device=device),
             ids=np.asarray(ids if ids is not None else np.arange(n).astype(str), dtype=object),
         )
 
@@ -72,7 +72,8 @@ class PairedFeatures:
             np_rows = rows
             t_rows = rows
         else:
-            t_rows = torch.as_tensor(rows, dtype=torch.int64)
+            t_rows = torch.as_tensor(rows, dtype=torch.int64,
+                                     device=rows.device if isinstance(rows, torch.Tensor) else "cpu")
             np_rows = t_rows.cpu().numpy()
             t_rows = t_rows.to(self.xa.device)
         return PairedFeatures(
@@ -116,7 +117,7 @@ class PairedFeatures:
 
 def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Shuffled row indices in batches of ``batch_size`` (the last partial batch is kept)."""
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator, device=generator.device)  # on the generator's device
     for lo in range(0, n, batch_size):
         yield order[lo:lo + batch_size]
 

@@ -53,21 +53,21 @@ class _GradInputLinear(torch.autograd.Function):
 
 
 class ModalityLearners(nn.Module):
-    """A ``Linear(d, d)`` per modality, weight = identity and bias = 0 at creation.
+    """A ``Linear(d, d)`` per modality on ``device``, weight = identity and bias = 0 at creation.
 
     At initialisation every learner is the identity map, so step 0 reproduces the frozen encoder.
     A learner that a batch does not use receives no gradient (``grad is None``), so optimizers
     leave it bit-identical.
     """
 
-    def __init__(self, modalities: Iterable[str], dim: int) -> None:
+    def __init__(self, modalities: Iterable[str], dim: int, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.dim = int(dim)
         self.layers = nn.ModuleDict()
         for m in modalities:
-            layer = nn.Linear(self.dim, self.dim)
+            layer = nn.Linear(self.dim, self.dim, device=device)
             with torch.no_grad():
-                layer.weight.copy_(torch.eye(self.dim))
+                layer.weight.copy_(torch.eye(self.dim, device=device))
                 layer.bias.zero_()
             self.layers[check_modality_name(m)] = layer
         #: modality -> function of a batch's inputs giving the inputs its *weight gradient* is

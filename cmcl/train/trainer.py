@@ -188,6 +188,8 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
     no effect on the numbers).
     """
     step = dataclasses.replace(step, clip_norm=harness.clip_norm)
+    device = next(learners.parameters()).device
+    synchronize(device)  # earlier queued work (a previous step's scoring) is not this step's
     start = time.perf_counter()  # the whole step, the strategy's per-step work included
     strategy.before_step(step, data)
     train = strategy.training_set(step, data)
@@ -217,14 +219,22 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
         for m in transforms:
             learners.grad_inputs.pop(m, None)
     keys = sorted({k for r in records for k in r})
-    table = {k: torch.stack([r.get(k, torch.tensor(float("nan"))).float().cpu() for r in records]).numpy()
-             for k in keys}
+    nan = torch.tensor(float("nan"), device="cpu")
+    table = {k: torch.stack([r.get(k, nan).float().cpu() for r in records]).numpy() for k in keys}
     frame = pd.DataFrame({"epoch": np.repeat(np.arange(epochs), per_epoch)[:len(records)],
                           "update": np.arange(len(records)), **table})
     t0 = time.perf_counter()
     strategy.after_step(step, data)
+    synchronize(device)  # on a GPU the step's kernels may still be queued: they belong to its time
     end = time.perf_counter()
     return StepResult(frame, len(records), end - start, hook_seconds + end - t0)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has run every queued kernel (CUDA runs them asynchronously; a CPU
+    has nothing queued), so that wall-clock times taken around it are the work's own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -336,7 +346,7 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
         device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         _random_weight_warning(cfg, protocol)
-        learners = ModalityLearners(protocol.modalities, data.dim).to(device)
+        learners = ModalityLearners(protocol.modalities, data.dim, device=device)
         strategy = get_strategy(cfg.strategy, backbone=None, **cfg.params)
         objective = Objective(cfg.temperature, cfg.loss)
         strategy.setup(learners, objective)

@@ -123,7 +123,8 @@ def projector_from_covariance(cov: torch.Tensor, *, threshold: float = 0.0,
         total = float(mass.sum())
         if total <= 0:
             return Projector.zero(d)
-        k = int(torch.searchsorted(torch.cumsum(mass, 0) / total, torch.tensor(energy, dtype=torch.float64)) + 1)
+        cdf = torch.cumsum(mass, 0) / total
+        k = int(torch.searchsorted(cdf, torch.tensor(energy, dtype=cdf.dtype, device=cdf.device)) + 1)
         k = min(k, d)
     else:
         k = int((evals > threshold).sum())
