@@ -24,6 +24,34 @@ from cmcl.train.config import TrainConfig
 from cmcl.train.strategies import resolve_params
 
 
+def write_features(out: Path, dim: int, scale: float) -> float:
+    """Write the synthetic cache under ``out/features``; returns the seconds it took."""
+    t0 = time.perf_counter()
+    write_synthetic(out / "features", SyntheticConfig(dim=dim, scale=scale))
+    return time.perf_counter() - t0
+
+
+def run_strategy(out: Path, name: str, *, epochs: int = 5, device: str = "cpu") -> dict:
+    """Train one seed of ``name`` on ``out/features`` (into ``out/runs``, replacing an earlier run)
+    and return its times: ``total_seconds`` (the whole run: loading and validating the features,
+    training, evaluation, writing), ``train_seconds`` (whole steps, per-step strategy work
+    included), ``eval_seconds`` (the scoring after each step), ``updates``, ``ms_per_update``,
+    ``steps`` and the run's ``summary`` (its Table 2 numbers)."""
+    runs = out / "runs"
+    shutil.rmtree(runs / "synthetic" / name, ignore_errors=True)
+    cfg = TrainConfig(features=str(out / "features"), backbone="synthetic", strategy=name,
+                      params=resolve_params(name, {}, "synthetic"), label=name, epochs=epochs, device=device)
+    t0 = time.perf_counter()
+    run = train_one(cfg, runs)
+    total = time.perf_counter() - t0
+    found = [i for i in ckpt.finished_steps(run) if i > 0]
+    steps = [json.loads((ckpt.step_dir(run, i) / "metrics.json").read_text()) for i in found]
+    train_s = sum(s["train_seconds"] for s in steps)
+    updates = sum(s["updates"] for s in steps)
+    return {"total_seconds": total, "train_seconds": train_s, "eval_seconds": sum(s["eval_seconds"] for s in steps),
+            "updates": updates, "ms_per_update": 1000 * train_s / updates, "steps": len(steps),
+            "summary": json.loads((run / "summary.json").read_text())}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,27 +62,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    t0 = time.perf_counter()
-    write_synthetic(args.out / "features", SyntheticConfig(dim=args.dim, scale=args.scale))
-    print(f"extract: {time.perf_counter() - t0:.1f} s (scale {args.scale}, d={args.dim})")
+    seconds = write_features(args.out, args.dim, args.scale)
+    print(f"extract: {seconds:.1f} s (scale {args.scale}, d={args.dim})")
     for name in args.strategies.split(","):
-        runs = args.out / "runs"
-        shutil.rmtree(runs / "synthetic" / name, ignore_errors=True)
-        cfg = TrainConfig(features=str(args.out / "features"), backbone="synthetic", strategy=name,
-                          params=resolve_params(name, {}, "synthetic"), label=name, epochs=args.epochs,
-                          device=args.device)
-        t0 = time.perf_counter()
-        run = train_one(cfg, runs)
-        total = time.perf_counter() - t0
-        steps = [json.loads((ckpt.step_dir(run, i) / "metrics.json").read_text()) for i in range(1, 12)]
-        train_s = sum(s["train_seconds"] for s in steps)
-        eval_s = sum(s["eval_seconds"] for s in steps)
-        updates = sum(s["updates"] for s in steps)
-        print(f"{name}: {total:.1f} s total for 11 steps ({train_s:.1f} s training, {eval_s:.1f} s evaluation, "
-              f"{updates} updates, {1000 * train_s / updates:.2f} ms per update; torch threads "
-              f"{torch.get_num_threads()})")
-        summary = json.loads((run / "summary.json").read_text())
-        print("   " + "  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+        r = run_strategy(args.out, name, epochs=args.epochs, device=args.device)
+        print(f"{name}: {r['total_seconds']:.1f} s total for {r['steps']} steps ({r['train_seconds']:.1f} s training, "
+              f"{r['eval_seconds']:.1f} s evaluation, {r['updates']} updates, {r['ms_per_update']:.2f} ms per update; "
+              f"torch threads {torch.get_num_threads()})")
+        print("   " + "  ".join(f"{k} {v:.2f}" for k, v in r["summary"].items()))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,12 @@ class PairedFeatures:
             t_rows = torch.as_tensor(rows, dtype=torch.int64,
                                      device=rows.device if isinstance(rows, torch.Tensor) else "cpu")
             np_rows = t_rows.cpu().numpy()
-            t_rows = t_rows.to(self.xa.device)
+            if self.xa.device.type == "cuda" and t_rows.device.type == "cpu":
+                # from pinned memory the copy is asynchronous: drawing a batch does not wait for
+                # the GPU to finish its queue (a copy from pageable memory would)
+                t_rows = t_rows.pin_memory().to(self.xa.device, non_blocking=True)
+            else:
+                t_rows = t_rows.to(self.xa.device)
         return PairedFeatures(
             xa=self.xa[t_rows], xb=self.xb[t_rows], ma=self.ma[np_rows], mb=self.mb[np_rows],
             step=self.step[t_rows], labels=self.labels[t_rows], ids=self.ids[np_rows],
