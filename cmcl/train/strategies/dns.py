@@ -99,20 +99,32 @@ class DNS(Strategy):
         self.n_out: dict[str, int] = {}
         self._proj: dict[str, tuple[Projector, Projector]] = {}
         self._before: dict[str, torch.Tensor] = {}
+        # modality -> (the inputs, their Gram matrix) of the current dataset: consecutive steps on one
+        # dataset (tvl, vggsound_s) share a modality's rows, and the loader hands them the same array
+        self._grams: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
         self._ranks: dict[str, float] = {}
 
     # ------------------------------------------------------------------ projectors
+    @property
+    def one_sided(self) -> bool:
+        """``Q = I`` whatever the outputs (``lambda_left = 0``, no ``energy_out``): the output
+        covariances are never read, so they are not computed."""
+        return self.lambda_left <= 0 and self.energy_out is None
+
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
         device = self.learners[step.modalities[0]].weight.device
         self._proj = {}
         self._ranks = {}
+        self._grams = {m: v for m, v in self._grams.items() if v[0] == step.dataset}
         d_in = self.learners.dim + (1 if self.project_bias else 0)
         for m in step.modalities:
             if m in self.cov_in:
                 right = projector_from_covariance(self.cov_in[m], threshold=self.lambda_min, energy=self.energy_in)
             else:
                 right = Projector.zero(d_in)
-            if m in self.cov_out:
+            if self.one_sided:
+                left = Projector.identity(self.learners.dim) if m in self.cov_in else Projector.zero(self.learners.dim)
+            elif m in self.cov_out:
                 left = projector_from_covariance(self.cov_out[m], threshold=self.lambda_left, energy=self.energy_out)
             else:
                 left = Projector.zero(self.learners.dim)
@@ -203,16 +215,28 @@ class DNS(Strategy):
         with torch.no_grad():
             grams = {}
             for m, x in ((a, data.xa), (b, data.xb)):
-                grams[m] = self._gram(_augment(x) if self.project_bias else x)
+                grams[m] = self._input_gram(step.dataset, m, x)
                 self._accumulate(self.cov_in, self.n_in, m, grams[m], n, shared)
             # The partner's outputs W y (or W y + b) have the covariance W̃ (YᵀY) W̃ᵀ: reuse the input
             # Gram matrix instead of pushing every row through the learner (2d³ instead of 4Nd²).
-            for m, other in ((a, b), (b, a)):
+            for m, other in () if self.one_sided else ((a, b), (b, a)):
                 layer = self.learners[other]
                 w = self._flat(layer.weight, layer.bias).to(torch.float64)
                 self._accumulate(self.cov_out, self.n_out, m, w @ grams[other] @ w.T, n, shared)
         self.n_bar += n
         self._ranks["dns/n_bar"] = float(self.n_bar)
+
+    def _input_gram(self, dataset: str, m: str, x: torch.Tensor) -> torch.Tensor:
+        """XᵀX (over ``[X, 1]`` with ``project_bias``), reused when a later step of the same dataset
+        hands over the very same rows (same memory, shape and strides; the kept reference stops that
+        memory from being reused by other data, and entries of other datasets are dropped)."""
+        hit = self._grams.get(m)
+        if hit is not None and hit[0] == dataset and (hit[1].data_ptr(), hit[1].shape, hit[1].stride()) == (
+                x.data_ptr(), x.shape, x.stride()):
+            return hit[2]
+        gram = self._gram(_augment(x) if self.project_bias else x)
+        self._grams[m] = (dataset, x, gram)
+        return gram
 
     @staticmethod
     def _gram(x: torch.Tensor) -> torch.Tensor:
