@@ -49,7 +49,6 @@ from cmcl.types import StepInfo
 Losses = dict[str, torch.Tensor]
 Closure = Callable[[], tuple[Losses, PairOutput]]
 _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
-_PROTOTYPES = {bool: False, int: 0, float: 0.0, str: ""}   # what keyvalue.coerce checks a value against
 
 
 def param(default: Any, **rule: Any) -> Any:
@@ -83,7 +82,7 @@ def _checked(strategy: str, f: Field, hint: Any, value: Any) -> Any:
     try:
         if value is None:
             raise ValueError("cannot be none")
-        value = coerce(value, _PROTOTYPES[kinds[0]])
+        value = coerce(value, kinds[0]())      # checked against the type's zero: False, 0, 0.0 or ""
     except ValueError as exc:
         raise ConfigError(f"strategy {strategy!r}: parameter {f.name} {exc}") from None
     choices, bounds = f.metadata.get("choices"), [(sym, op, f.metadata[k]) for k, (sym, op) in _BOUNDS.items()

@@ -206,7 +206,8 @@ class Replay(Strategy):
 
     def report(self) -> dict[str, float]:
         """Stored pairs per protocol step; the size (and, reservoir, the pairs offered so far)."""
-        out = {self.step_key.format(name=self.name, s=s): float(c) for s, c in sorted(self.buffer.composition().items())}
+        out = {self.step_key.format(name=self.name, s=s): float(c)
+               for s, c in sorted(self.buffer.composition().items())}
         if self.report_totals:
             out["buffer/size"] = float(len(self.buffer))
             if self.reservoir:

@@ -63,8 +63,11 @@ def asymmetric_contrastive(u: torch.Tensor, v: torch.Tensor, current: torch.Tens
     if temperature != 1.0:
         logits = logits / temperature
     count = current.sum().clamp_min(1)
-    # torch.where, not a product: a masked row never leaks into the value, even if non-finite.
-    one_way = lambda dim: -torch.where(current, torch.log_softmax(logits, dim=dim).diagonal(), 0.0).sum() / count  # noqa: E731
+
+    def one_way(dim: int) -> torch.Tensor:
+        # torch.where, not a product: a masked row never leaks into the value, even if non-finite.
+        return -torch.where(current, torch.log_softmax(logits, dim=dim).diagonal(), 0.0).sum() / count
+
     return two_way(direction, lambda: one_way(1), lambda: one_way(0))
 
 
@@ -182,10 +185,7 @@ class Co2LParams(Replay.Params):
     kappa_past: float = param(0.01, gt=0)       # the teacher's IRD temperature κ*
     # τ of L_asym; None: the run's InfoNCE temperature (1, the paper's), so step 1 equals Vanilla
     temperature: float | None = param(None, gt=0)
-    # how buffered rows enter L_asym (the erratum to baselines.md §7 item 3): "same_space" (an
-    # a-anchor's negatives are outputs of modality b only), "own_pair" (the same, and buffered pairs
-    # anchor their own pair too) or "all_rows" (every buffered b output: the superseded mapping)
-    replay: str = param("same_space", choices=REPLAY_MODES)
+    replay: str = param("same_space", choices=REPLAY_MODES)     # how buffered rows enter L_asym (module docstring)
 
 
 class Co2L(Replay):

@@ -73,33 +73,23 @@ class GNSP(Strategy):
     """Input-side null-space projection of the weight gradients, plus KD and MAP on a reference batch."""
 
     @dataclass(frozen=True)
-    class Params(Strategy.Params):
-        """The source's ``configs/mtil_order_I.json`` and ``src/args.py``, its names in brackets.
-
-        rho: the largest share of the data matrix's eigenvalue mass left unprotected (``gnsp_rho``);
-        the protected subspace holds at least ``1 - rho`` of it. distill, map: weights of ``L_kd``
-        and ``L_map``. kd_temperature: T of the distillation (``T``). label_smoothing: of the MAP
-        cross-entropies. logit_scale: s, the scale of the reference logits; ``None`` uses 1/τ of
-        the run's InfoNCE, the scale the base loss trains with (the source uses its backbone's CLIP
-        scale, 100, for both its task loss and these terms). ref_batch: pairs in each reference
-        batch (the source's batch size). teacher: ``"initial"`` (the frozen encoders, i.e. identity
-        learners: ``ref_model="initial"``) or ``"previous"`` (the learners at the start of the
-        step). gram_batch: rows per chunk of the data matrix (the source's 16). accumulate:
-        ``"proj"`` or ``"sum"`` (module docstring). train_bias: train the biases too (the source
-        freezes them).
-        """
-
+    class Params(Strategy.Params):              # the source's configs/mtil_order_I.json and src/args.py
+        # the largest share of the data matrix's eigenvalue mass left unprotected (gnsp_rho)
         rho: float = param(0.15, ge=0, lt=1)
-        distill: float = param(1.0, ge=0)
-        map: float = param(0.75, ge=0)
-        kd_temperature: float = param(2.0, gt=0)
-        label_smoothing: float = param(0.2, ge=0, lt=1)
+        distill: float = param(1.0, ge=0)       # weight of L_kd
+        map: float = param(0.75, ge=0)          # weight of L_map
+        kd_temperature: float = param(2.0, gt=0)    # T of the distillation
+        label_smoothing: float = param(0.2, ge=0, lt=1)     # of the MAP cross-entropies
+        # s, the scale of the reference logits; None: 1/τ of the run's InfoNCE, the scale the base loss
+        # trains with (the source uses its backbone's CLIP scale, 100, for its task loss and these terms)
         logit_scale: float | None = param(None, gt=0)
-        ref_batch: int = param(64, ge=2)
+        ref_batch: int = param(64, ge=2)        # pairs per reference batch (the source's batch size)
+        # "initial": the frozen encoders, i.e. identity learners (the source's ref_model="initial");
+        # "previous": the learners at the start of the step
         teacher: str = param("initial", choices=TEACHERS)
-        gram_batch: int = param(16, ge=1)
-        accumulate: str = param("proj", choices=ACCUMULATE)
-        train_bias: bool = False
+        gram_batch: int = param(16, ge=1)       # rows per chunk of the data matrix (the source's 16)
+        accumulate: str = param("proj", choices=ACCUMULATE)     # see the module docstring
+        train_bias: bool = False                # the source freezes the biases
 
     name = "gnsp"
 
