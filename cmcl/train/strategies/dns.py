@@ -35,13 +35,14 @@ the hook route runs, which projects the clipped raw gradient as the authors do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Strategy
+from cmcl.train.strategies.base import Strategy, param
 from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
 from cmcl.types import StepInfo
 
@@ -68,27 +69,19 @@ class DNS(Strategy):
         "languagebind": {"lambda_min": 1e-4},
     }
 
-    def __init__(self, *, lambda_min: float = 0.01, lambda_left: float = 0.0,
-                 energy_in: float | None = None, energy_out: float | None = None,
-                 project: str = "gradient", project_bias: bool = False, fused: bool = True,
-                 count: str = "shared") -> None:
-        if count not in COUNTS:
-            raise ValueError(f"count must be one of {', '.join(COUNTS)}, got {count!r}")
-        if project not in ("gradient", "update"):
-            raise ValueError(f"project must be 'gradient' or 'update', got {project!r}")
-        for name, value in (("energy_in", energy_in), ("energy_out", energy_out)):
-            if value is not None and not 0 < float(value) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if lambda_min < 0 or lambda_left < 0:
-            raise ValueError("lambda_min and lambda_left must be >= 0")
-        self.lambda_min = float(lambda_min)
-        self.lambda_left = float(lambda_left)
-        self.energy_in = None if energy_in is None else float(energy_in)
-        self.energy_out = None if energy_out is None else float(energy_out)
-        self.project = project
-        self.project_bias = bool(project_bias)
-        self.fused = bool(fused)
-        self.count = count
+    @dataclass(frozen=True)
+    class Params(Strategy.Params):              # the options are described in the module docstring
+        lambda_min: float = param(0.01, ge=0)
+        lambda_left: float = param(0.0, ge=0)
+        energy_in: float | None = param(None, gt=0, le=1)
+        energy_out: float | None = param(None, gt=0, le=1)
+        project: str = param("gradient", choices=("gradient", "update"))
+        project_bias: bool = False
+        fused: bool = True
+        count: str = param("shared", choices=COUNTS)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self._fused_now: set[str] = set()
         # modality -> running covariance (float64) and the number of rows behind it; n_bar is the
         # pairs of every step so far (Algorithm 1's n̄_t, the weight of the shared rule)
