@@ -8,11 +8,12 @@ What it measures, in one process:
 
 1. protocol: the synthetic cache at paper size (d = 1024, scale 1.0) is written, then vanilla and
    DNS each train one seed of the paper11 protocol with the paper's settings (5 epochs, batch 64,
-   AdamW) on ``--device``, scored after every step with FAISS (faiss-gpu when the installed faiss
-   sees a GPU and the device is CUDA, faiss-cpu otherwise; the JSON says which). Per strategy:
+   AdamW) on ``--device``, scored after every step (the scores' inner products on faiss-gpu when
+   the installed faiss sees a GPU and the device is CUDA, else with numpy's BLAS on the CPU, as
+   ``cmcl.evaluate.retrieval`` does; the JSON's ``eval_backend`` says which). Per strategy:
    total, training (whole steps), evaluation, updates, ms per update
-   (``benchmarks/bench_protocol.py``'s functions). Two short steps of each strategy and one FAISS
-   search at the same d first warm the device up (CUDA context, cuBLAS, cuSOLVER, FAISS
+   (``benchmarks/bench_protocol.py``'s functions). Two short steps of each strategy and one scoring
+   (partner_ranks) at the same d first warm the device up (CUDA context, cuBLAS, cuSOLVER, FAISS
    resources); they are not counted.
 2. encoders: ImageBind (huge), LanguageBind (large) and UniBind (huge) built with random weights
    (no downloads), in float16 on a CUDA device: items per second per modality through
@@ -96,12 +97,13 @@ def check_device(name: str) -> str:
     return name
 
 
-def faiss_backend(device: str) -> str:
-    """``gpu`` when the evaluation's searches run on faiss-gpu (CUDA device and a faiss that sees a GPU)."""
+def eval_backend(device: str) -> str:
+    """Where the evaluation's inner products run: ``faiss-gpu`` (a CUDA device and a faiss that
+    sees a GPU: ``faiss.get_num_gpus() > 0``) or ``cpu`` (numpy's BLAS)."""
     import faiss
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    return "gpu" if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources") and gpus > 0 else "cpu"
+    return "faiss-gpu" if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources") and gpus > 0 else "cpu"
 
 
 def machine(device: str) -> dict:
@@ -110,7 +112,7 @@ def machine(device: str) -> dict:
     from cmcl.train.trainer import _git_sha
 
     info = {"device": device, "torch": torch.__version__, "faiss": faiss.__version__,
-            "faiss_backend": faiss_backend(device), "python": platform.python_version(), "cmcl": __version__,
+            "eval_backend": eval_backend(device), "python": platform.python_version(), "cmcl": __version__,
             "git_sha": _git_sha(), "host": platform.node(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
     if device.startswith("cuda"):
@@ -133,7 +135,7 @@ def expected_updates(protocol: str, scale: float, epochs: int, batch_size: int =
 
 
 def warm_up(device: str, dim: int, strategies: list[str]) -> float:
-    """Two short steps of each strategy and one FAISS search at width ``dim`` on ``device``, so that
+    """Two short steps of each strategy and one scoring at width ``dim`` on ``device``, so that
     one-time costs (CUDA context, cuBLAS and cuSOLVER handles, kernel loading, FAISS's GPU
     resources) are not counted in the first measured run; returns the seconds it took."""
     t0 = time.perf_counter()
@@ -253,7 +255,7 @@ def table(result: dict) -> str:
     """The short human summary of a result."""
     m = result["machine"]
     lines = [f"cmcl benchmark on {m['device']} ({m['device_name']}); torch {m['torch']}, faiss {m['faiss']} "
-             f"({m['faiss_backend']} search); {result['mode']} size; {result['wall_seconds']:.0f} s in all"]
+             f"(evaluation on {m['eval_backend']}); {result['mode']} size; {result['wall_seconds']:.0f} s in all"]
     p = result.get("protocol")
     if p:
         lines += [f"protocol {p['protocol']}: synthetic d={p['dim']}, scale {p['scale']}, {p['epochs']} epochs, "
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 
         print(f"bench_gpu: {result['mode']} size on {device} ({result['machine']['device_name']}), "
-              f"faiss {result['machine']['faiss_backend']}", flush=True)
+              f"evaluation on {result['machine']['eval_backend']}", flush=True)
         if strategies:
             print("protocol:", flush=True)
             result["protocol"] = bench_protocol(out, device, size, strategies, args.epochs)

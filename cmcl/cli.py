@@ -471,20 +471,23 @@ def train(features: Path, backbone: str, strategies: tuple[str, ...], seeds: str
               help="Runs evaluated otherwise are re-scored from their checkpoints.")
 @click.option("--features", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Feature cache for re-scoring [default: the one each run was trained on].")
+@click.option("--rescore", is_flag=True, help="Re-score every run from its checkpoints with this version's "
+              "evaluator instead of reading its stored rows (run folders are not changed).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the heatmap PNGs.")
 @click.option("--figures", is_flag=True, help="Also write the paper's Fig. 3a/3b per strategy, Table 3 (seconds per "
               "step) and a score-against-BWT comparison into <stem>_figures/ (PNG and CSV each).")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
-def evaluate(runs: Path, report: Path, recall_protocol: str, features: Path | None, device: str, no_plots: bool,
-             figures: bool, quiet: bool) -> None:
+def evaluate(runs: Path, report: Path, recall_protocol: str, features: Path | None, rescore: bool, device: str,
+             no_plots: bool, figures: bool, quiet: bool) -> None:
     """Score runs (Recall@1/5/10, zero-shot Acc, BWT) and write the paper's Table 2."""
     _setup_logging(quiet)
     from cmcl.pipeline import report as make_report
 
     rep = make_report(runs, report, recall_protocol=recall_protocol, device=_device(device),
-                      features=str(features) if features else None, plots=not no_plots, figures=figures)
+                      features=str(features) if features else None, plots=not no_plots, figures=figures,
+                      rescore=rescore)
     click.echo(rep.text)
     if rep.table3 is not None and not rep.table3.empty:
         from cmcl.evaluate.figures import format_table3

@@ -185,15 +185,15 @@ def rescore_run(run: Path, settings: EvalSettings, device: str = "cpu", features
 
 
 def report(runs: Path, report_path: Path, *, recall_protocol: str = "paper", device: str = "cpu",
-           features: str | None = None, plots: bool = True, figures: bool = False) -> Report:
+           features: str | None = None, plots: bool = True, figures: bool = False, rescore: bool = False) -> Report:
     """Table 2 of every complete run under ``runs`` (what ``cmcl evaluate`` does)."""
-    def rescore(run: Path, settings: EvalSettings) -> pd.DataFrame:
+    def rescore_one(run: Path, settings: EvalSettings) -> pd.DataFrame:
         use_gpu = device.startswith("cuda")
         return rescore_run(run, EvalSettings(settings.recall_protocol, settings.pool_size, settings.pool_count,
                                              settings.seed, use_gpu=use_gpu), device, features)
 
-    return report_runs(runs, report_path, recall_protocol=recall_protocol, rescore=rescore,
-                       order=PAPER_ORDER, plots=plots, figures=figures)
+    return report_runs(runs, report_path, recall_protocol=recall_protocol, rescore=rescore_one,
+                       order=PAPER_ORDER, plots=plots, figures=figures, rescore_all=rescore)
 
 
 def train_one(cfg: TrainConfig, runs: Path, **kwargs: Any) -> Path:

@@ -67,3 +67,18 @@ def video_frames(n: int = 60, fps: float = 10.0, size=(64, 48)) -> tuple[np.ndar
     w, h = size
     frames = np.stack([np.full((h, w, 3), 4 * i % 256, dtype=np.uint8) for i in range(n)])
     return frames, fps
+
+
+def extract_records(encoder, records, root: Path, *, split: str, modalities, batch_size: int = 2,
+                    dataset: str = "toy", **kwargs):
+    """Extract ``records`` (dicts: id, optional label/class, one item per modality) through the
+    ``pairs`` reader and the extraction engine; returns the engine's ``ExtractResult``."""
+    import json as _json
+
+    from cmcl.data.readers.pairs import Pairs
+    from cmcl.extract.engine import extract_split
+
+    manifest = root / f"{dataset}-{split}.jsonl"
+    manifest.write_text("".join(_json.dumps(dict(r, split=split)) + "\n" for r in records))
+    reader = Pairs(root, manifest=str(manifest), dataset=dataset, modalities=",".join(modalities))
+    return extract_split(encoder, reader, split, root / "cache", batch_size=batch_size, progress=False, **kwargs)

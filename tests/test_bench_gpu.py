@@ -40,7 +40,7 @@ def test_tiny_run_writes_the_machine_and_the_command(tiny):
     _, r, result = tiny
     assert result["mode"] == "tiny" and SCRIPT in result["command"] and "--tiny" in result["command"]
     m = result["machine"]
-    assert m["device"] == "cpu" and m["faiss_backend"] == "cpu" and m["device_name"]
+    assert m["device"] == "cpu" and m["eval_backend"] == "cpu" and m["device_name"]
     assert m["torch"] == torch.__version__ and m["faiss"]
     assert "--device cpu" in result["commands"]["protocol"]
     assert positive(result["wall_seconds"]) and result["wall_seconds"] < 120

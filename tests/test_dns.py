@@ -11,6 +11,7 @@ from cmcl.train.config import Harness
 from cmcl.train.learners import ModalityLearners
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
+from cmcl.train.strategies.dns import DNS
 from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
@@ -199,7 +200,7 @@ def _three_step_covariances(count):
     """Steps 1 (text, audio) n=50, 2 (text, video) n=30, 3 (audio, depth) n=20: depth first appears at
     step 3. The audio learner is 2·I when step 3 ends, so depth's partner outputs are 2·y."""
     learners = ModalityLearners(["text", "audio", "video", "depth"], D)
-    dns = get_strategy("dns", count=count)
+    dns = get_strategy("dns", count=count, lambda_left=1e-6)  # dual-sided: output covariances are kept
     dns.setup(learners, Objective())
     x1, y1 = low_rank_pairs(1, n=50)
     x2, v2 = low_rank_pairs(2, n=30)
@@ -295,3 +296,32 @@ def test_fused_projection_is_not_used_when_the_trainer_clips():
         fit_step(learners, dns, StepInfo(i, "A", ("text", "audio"), i),
                  PairedFeatures.from_arrays(xa, xb, ("text", "audio"), i), harness=clip, epochs=1, batch_size=32)
         assert dns.report()["dns/fused"] == 0.0
+
+
+def test_one_sided_default_keeps_no_output_covariance_and_reuses_a_datasets_gram(monkeypatch):
+    """With Q = I (the default) the output covariances are never read, so none is computed; a later
+    step of the same dataset handing over the same rows reuses their Gram matrix, other rows do not."""
+    learners = ModalityLearners(["text", "audio", "video"], D)
+    dns = get_strategy("dns")
+    dns.setup(learners, Objective())
+    calls = []
+    gram = DNS._gram
+    monkeypatch.setattr(DNS, "_gram", staticmethod(lambda x: calls.append(len(x)) or gram(x)))
+    x, y = low_rank_pairs(1, n=50)
+    _, v = low_rank_pairs(2, n=50)
+    steps = [StepInfo(1, "A", ("text", "audio"), 0), StepInfo(2, "A", ("text", "video"), 0)]
+    data = [PairedFeatures.from_arrays(x, y, ("text", "audio"), 1), PairedFeatures.from_arrays(x, v, ("text", "video"), 2)]
+    for step, d in zip(steps, data):
+        dns.before_step(step, d)
+        dns.after_step(step, d)
+    assert dns.cov_out == {} and len(calls) == 3          # text's Gram computed once for two steps
+    g = {k: a.astype(np.float64).T @ a.astype(np.float64) for k, a in {"x": x, "y": y, "v": v}.items()}
+    np.testing.assert_allclose(dns.cov_in["text"].numpy(), (g["x"] / 50) * (50 / 100) + g["x"] / 100, atol=1e-6)
+    dns.before_step(StepInfo(3, "A", ("text", "audio"), 0), data[0])
+    assert dns.report()["dns/rank_out/text"] == D          # Q = I for a trained modality
+    other = PairedFeatures.from_arrays(x.copy(), y, ("text", "audio"), 3)   # same values, other memory
+    dns.after_step(StepInfo(3, "A", ("text", "audio"), 0), other)
+    assert len(calls) == 4                                 # text again; audio's rows are step 1's
+    dns.before_step(StepInfo(4, "B", ("text", "audio"), 0), data[0])        # another dataset: cache dropped
+    dns.after_step(StepInfo(4, "B", ("text", "audio"), 0), data[0])
+    assert len(calls) == 6

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cmcl.data.features import FeatureShard
-from cmcl.errors import CacheError, EncoderError
+from cmcl.errors import DatasetError, EncoderError, ExtractError
 from cmcl.extract.encoders import (
     ENCODERS,
     check_checkpoint,
@@ -20,12 +20,12 @@ from cmcl.extract.encoders import (
 from cmcl.extract.encoders.imagebind import ImageBindEncoder
 from cmcl.extract.encoders.imagebind_arch import HUGE, TINY, build_imagebind
 from cmcl.extract.encoders.unibind import UniBindEncoder
-from cmcl.extract.items import extract_items
 from tests.encoder_fixtures import (
     DOG,
     EOT,
     HELLO,
     SOT,
+    extract_records,
     video_frames,
     write_bpe_gz,
     write_depth_png,
@@ -270,12 +270,12 @@ def test_class_centres_refuse_code_execution(tmp_path):
 
 
 # ------------------------------------------------------------------------------ extraction
-def test_extract_items_writes_a_valid_shard(tmp_path, media):
+def test_extraction_writes_a_valid_shard(tmp_path, media):
     enc = load_encoder("imagebind", random_weights="tiny", device="cpu")
-    records = [{"id": f"s{i}", "label": i % 2, "text": f"hello dog {i}", "audio": media["audio"],
+    records = [{"id": f"s{i}", "class": ["cat", "dog"][i % 2], "text": f"hello dog {i}", "audio": media["audio"],
                 "vision": media["vision"]} for i in range(3)]
-    path = extract_items(enc, "toy", "test", records, tmp_path / "cache", modalities=("text", "audio", "vision"),
-                         batch_size=2, class_names=["cat", "dog"])
+    result = extract_records(enc, records, tmp_path, split="test", modalities=("text", "audio", "vision"))
+    path = result.path
     assert path == tmp_path / "cache" / "imagebind" / "toy" / "test.h5"
     with FeatureShard(path) as shard:
         shard.check()
@@ -286,22 +286,24 @@ def test_extract_items_writes_a_valid_shard(tmp_path, media):
         assert list(shard.text) == [f"hello dog {i}" for i in range(3)]
         names, protos = shard.classes()
         assert list(names) == ["cat", "dog"] and protos["text"].shape == (2, 32)
+        assert list(shard.labels) == [0, 1, 0]
         assert np.allclose(shard.load("text")[0], enc.encode("text", ["hello dog 0"])[0], atol=1e-6)
         for m in ("text", "audio", "vision"):       # every row is its own record's embedding
             rows = shard.load(m)
             for i, rec in enumerate(records):
                 np.testing.assert_allclose(rows[i], enc.encode(m, [rec[m]])[0], atol=2e-5, err_msg=f"{m} row {i}")
-    with pytest.raises(CacheError, match=r"test\.h5 already exists"):
-        extract_items(enc, "toy", "test", records, tmp_path / "cache", modalities=("text",))
+    again = extract_records(enc, records, tmp_path, split="test", modalities=("text", "audio", "vision"))
+    assert again.status == "exists" and again.path == path     # an identical shard is not written twice
 
 
-def test_extract_items_rejects_unknown_modality_and_missing_items(tmp_path, media):
+def test_extraction_rejects_unknown_modality_and_missing_items(tmp_path, media):
     enc = load_encoder("imagebind", random_weights="tiny", device="cpu")
-    with pytest.raises(EncoderError, match="cannot embed 'point'"):
-        extract_items(enc, "toy", "a", [{"id": "x"}], tmp_path, modalities=("point",))
-    with pytest.raises(EncoderError, match="has no 'audio' item"):
-        extract_items(enc, "toy", "b", [{"id": "x", "text": "t"}], tmp_path, modalities=("text", "audio"))
-    assert not (tmp_path / "imagebind" / "toy" / "b.h5").exists()
+    with pytest.raises(ExtractError, match=r"cannot embed \['point'\]"):
+        extract_records(enc, [{"id": "x", "point": media["audio"]}], tmp_path, split="a", modalities=("point",))
+    with pytest.raises(DatasetError, match="empty 'audio'"):
+        extract_records(enc, [{"id": "x", "text": "t", "audio": media["audio"]}, {"id": "y", "text": "u"}],
+                        tmp_path, split="b", modalities=("text", "audio"))
+    assert not (tmp_path / "cache" / "imagebind" / "toy" / "b.h5").exists()
 
 
 @pytest.mark.parametrize("name", ["imagebind", "unibind", "languagebind"])

@@ -20,12 +20,12 @@ from cmcl.extract.encoders.languagebind_arch import (
     merge_lora,
     tiny_config,
 )
-from cmcl.extract.items import extract_items
 from tests.encoder_fixtures import (
     DOG,
     EOT,
     HELLO,
     SOT,
+    extract_records,
     video_frames,
     write_hf_tokenizer,
     write_image,
@@ -225,8 +225,11 @@ def test_audio_preprocessing_feeds_the_non_square_tower(hub):
 
 def test_random_tiny_extraction_records_provenance(tmp_path, media):
     enc = load_encoder("languagebind", random_weights="tiny", device="cpu", modalities=["text", "video"])
-    records = [{"id": f"v{i}", "text": f"dog {i}", "video": media["video"]} for i in range(3)]
-    path = extract_items(enc, "toy", "train", records, tmp_path, modalities=("text", "video"))
+    from tests.test_media_decoding import write_mp4
+
+    clip = str(write_mp4(tmp_path / "clip.mp4", seconds=1))
+    records = [{"id": f"v{i}", "text": f"dog {i}", "video": clip} for i in range(3)]
+    path = extract_records(enc, records, tmp_path, split="train", modalities=("text", "video")).path
     with FeatureShard(path) as shard:
         shard.check()
         assert shard.meta.backbone == "languagebind" and shard.meta.dim == 16

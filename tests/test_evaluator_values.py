@@ -361,3 +361,26 @@ def test_stored_eval_rows_are_the_evaluation_of_the_stored_checkpoints(tiny_cach
     summary = ckpt.read_json(run / "summary.json")
     for m, v in summarize_run(stored, 3).items():
         assert summary[m] == pytest.approx(v, nan_ok=True), m
+
+
+def test_cli_rescore_replaces_stored_rows_by_a_rescore_of_the_checkpoints(tiny, tmp_path):
+    """``cmcl evaluate --rescore`` scores every run again (here its stored rows are wrong on purpose);
+    without the flag the stored rows are read as they are."""
+    from click.testing import CliRunner
+
+    from cmcl.cli import cli
+
+    root, proto = tiny
+    tests = StepData(root, "toy", load_protocol(proto)).test_sets()
+    runs = tmp_path / "runs"
+    _, states = write_fake_run(runs, root, proto, 0)
+    stored = CliRunner().invoke(cli, ["evaluate", "--runs", str(runs), "--report", str(tmp_path / "a.csv"),
+                                      "--no-plots", "-q"])
+    assert stored.exit_code == 0, stored.output
+    assert pd.read_csv(tmp_path / "a.csv").loc[0, "R@10_mean"] == pytest.approx(-1.0)
+    again = CliRunner().invoke(cli, ["evaluate", "--runs", str(runs), "--report", str(tmp_path / "b.csv"),
+                                     "--no-plots", "-q", "--rescore"])
+    assert again.exit_code == 0, again.output
+    want = np.mean([brute_step_values(states[2], tests[j])["R@10"] for j in range(2)])
+    assert pd.read_csv(tmp_path / "b.csv").loc[0, "R@10_mean"] == pytest.approx(want, abs=1e-3)   # CSV: 4 decimals
+    assert (runs / "toy" / "dns" / "seed-0" / "step-02" / "eval.csv").read_text().count("-1.0") == 1  # untouched

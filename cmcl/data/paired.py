@@ -69,8 +69,7 @@ class PairedFeatures:
     def select(self, rows: torch.Tensor | np.ndarray | slice) -> "PairedFeatures":
         """A subset of rows (index tensor, array or slice); tensors stay on their device."""
         if isinstance(rows, slice):
-            np_rows = rows
-            t_rows = rows
+            np_rows = t_rows = rows
         else:
             t_rows = torch.as_tensor(rows, dtype=torch.int64,
                                      device=rows.device if isinstance(rows, torch.Tensor) else "cpu")
@@ -82,8 +81,8 @@ class PairedFeatures:
             else:
                 t_rows = t_rows.to(self.xa.device)
         return PairedFeatures(
-            xa=self.xa[t_rows], xb=self.xb[t_rows], ma=self.ma[np_rows], mb=self.mb[np_rows],
-            step=self.step[t_rows], labels=self.labels[t_rows], ids=self.ids[np_rows],
+            xa=_rows(self.xa, np_rows, t_rows), xb=_rows(self.xb, np_rows, t_rows), ma=self.ma[np_rows],
+            mb=self.mb[np_rows], step=self.step[t_rows], labels=self.labels[t_rows], ids=self.ids[np_rows],
         )
 
     def to(self, device: torch.device | str) -> "PairedFeatures":
@@ -118,6 +117,15 @@ class PairedFeatures:
             labels=torch.cat([p.labels.to(device) for p in parts]),
             ids=np.concatenate([p.ids for p in parts]),
         )
+
+
+def _rows(x: torch.Tensor, np_rows, t_rows) -> torch.Tensor:
+    """``x[rows]``. On the CPU through numpy: the same values, but torch's multi-threaded gather of a
+    batch's scattered rows waits on its second thread (measured 5-16 ms against numpy's 0.2-0.3 ms
+    for 64 of 47,584 rows of d = 1,024 on a busy 2-core machine)."""
+    if x.device.type == "cpu" and not isinstance(np_rows, slice) and x.dtype == torch.float32:
+        return torch.from_numpy(x.detach().numpy()[np_rows])
+    return x[t_rows]
 
 
 def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -1,20 +1,24 @@
-"""Retrieval metrics on arrays: FAISS exact inner-product search with exact tie handling.
+"""Retrieval metrics on arrays: exact inner-product scores with exact tie handling.
 
 Scores are raw dot products (as the authors). For query ``i`` with true partner ``t_i`` let
 ``g_i`` be the number of candidates scoring strictly higher than the partner and ``e_i`` the
 number scoring exactly the same (the partner included). Under a uniformly random order among
 tied candidates the partner is in the top ``k`` with probability ``clip((k - g_i) / e_i, 0, 1)``;
 Recall@k is the mean of that over queries. This makes the metric independent of how a search
-library happens to order ties (FAISS does not order them by index), which matters for datasets
-whose texts repeat (one caption per class).
+library happens to order ties, which matters for datasets whose texts repeat (one caption per
+class).
+
+Identical candidate rows must tie *exactly*, and a matrix product does not guarantee it: BLAS's
+sgemm (FAISS's exact search uses it) gives copies of one row different scores in the last bit
+depending on where they sit. So every distinct row is scored once and counted with its
+multiplicity: a pool's distinct rows of each side go through one product (FAISS's pairwise inner
+products on the GPU, BLAS on the CPU), and both directions of a pool are counted from it.
 """
 
 from __future__ import annotations
 
 import faiss
 import numpy as np
-
-_NEAR_TIE = 1e-5
 
 
 def _has_gpu() -> bool:
@@ -23,33 +27,52 @@ def _has_gpu() -> bool:
 
 _GPU_RES = None
 
+#: Bytes of scores held at once (the product is computed a block of query rows at a time).
+_BLOCK_BYTES = 64 << 20
 
-def knn(xq: np.ndarray, xb: np.ndarray, k: int, *, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Exact maximum-inner-product search: ``(D, I)`` of shape (nq, k), best first.
 
-    Uses faiss-gpu when ``use_gpu`` and a GPU build of faiss with a visible GPU are present.
-    """
+def inner_products(xq: np.ndarray, xb: np.ndarray, *, use_gpu: bool = False) -> np.ndarray:
+    """``xq @ xb.T`` in float32 (faiss-gpu when ``use_gpu`` and a GPU build with a GPU are present)."""
     global _GPU_RES
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     xb = np.ascontiguousarray(xb, dtype=np.float32)
-    k = min(k, xb.shape[0])
     if use_gpu and _has_gpu():
         if _GPU_RES is None:
             _GPU_RES = faiss.StandardGpuResources()
-        return faiss.knn_gpu(_GPU_RES, xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
-    return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return faiss.pairwise_distance_gpu(_GPU_RES, xq, xb, metric=faiss.METRIC_INNER_PRODUCT)
+    return xq @ xb.T
 
 
-def _float32(x: np.ndarray) -> np.ndarray:
-    """``x.astype(np.float32)``, without the copy when ``x`` already is C-contiguous float32 (the
-    two give the same array, hence the same BLAS call and the same rounding)."""
-    if x.dtype == np.float32 and x.flags.c_contiguous:
-        return x
-    return x.astype(np.float32)
+def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, inverse, counts)``: the distinct rows of ``x`` as float32 (bytewise), ``x[i] ==
+    rows[inverse[i]]`` and how often each occurs."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    keys = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    return x[first], inverse.ravel(), counts
 
 
-#: Bytes of recount scores held at once (one row of ``len(xb)`` float32 scores per query).
-_RECOUNT_BYTES = 32 << 20
+def _count(scores: np.ndarray, partner: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(g, e)`` of each row of ``scores`` (distinct candidates, weighted by ``counts``) against
+    the column ``partner[i]`` of its row."""
+    s = scores[np.arange(len(scores)), partner][:, None]
+    return (scores > s) @ counts, (scores == s) @ counts
+
+
+def _ranks(uq: np.ndarray, query_row: np.ndarray, ub: np.ndarray, partner: np.ndarray, counts: np.ndarray,
+           k: int, use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(g, e)`` for queries ``uq[query_row[i]]`` with partner ``ub[partner[i]]``, candidates ``ub``
+    with multiplicities ``counts``; the distinct query rows are scored a block at a time."""
+    g = np.empty(len(query_row), dtype=np.int64)
+    e = np.empty(len(query_row), dtype=np.int64)
+    order = np.argsort(query_row, kind="stable")
+    sorted_rows = query_row[order]
+    block = max(1, _BLOCK_BYTES // (4 * max(len(ub), 1)))
+    for lo in range(0, len(uq), block):
+        qs = order[np.searchsorted(sorted_rows, lo):np.searchsorted(sorted_rows, lo + block)]
+        scores = inner_products(uq[lo:lo + block], ub, use_gpu=use_gpu)
+        g[qs], e[qs] = _count(scores[query_row[qs] - lo], partner[qs], counts)
+    return np.minimum(g, k), e
 
 
 def partner_ranks(xq: np.ndarray, xb: np.ndarray, targets: np.ndarray, k: int, *,
@@ -58,53 +81,11 @@ def partner_ranks(xq: np.ndarray, xb: np.ndarray, targets: np.ndarray, k: int, *
 
     ``g`` is exact when it is below ``k``; any ``g >= k`` means "not in the top k" and is reported
     as ``k``. Candidates are the rows of ``xb``; ``targets[i]`` is the row of query ``i``'s partner.
-
-    Queries whose partner ties with the last of FAISS's ``k`` results, or is missing from them but
-    scores within ``_NEAR_TIE`` of it, are recounted against every candidate. The inputs are
-    converted to float32 once, and the recount's scores are written block by block into one
-    buffer and counted a block at a time. Each query's scores are still one matrix-vector product
-    ``xb @ xq[i]``: a matrix-matrix product rounds differently, and OpenBLAS's sgemm does not even
-    give identical candidate rows identical scores, which would split exact ties.
+    Copies of a candidate row always tie (each distinct row is scored once).
     """
-    nq = xq.shape[0]
-    targets = np.asarray(targets, dtype=np.int64)
-    # Query rows contiguous (a strided vector takes numpy's own loop, not BLAS); the candidates in
-    # their own layout, as ``xb.astype(np.float32)`` gives them.
-    xq32, xb32 = np.ascontiguousarray(xq, dtype=np.float32), _float32(xb)
-    nb = xb32.shape[0]
-    kk = min(k, nb)
-    D, I = knn(xq32, xb32, kk, use_gpu=use_gpu)
-    g = np.full(nq, k, dtype=np.int64)
-    e = np.ones(nq, dtype=np.int64)
-    hit = I == targets[:, None]
-    found = hit.any(axis=1)
-    last = D[:, -1]
-    recount = np.zeros(nq, dtype=bool)
-    rows = np.flatnonzero(found)
-    if len(rows):
-        s = D[rows, hit[rows].argmax(axis=1)]
-        g[rows] = (D[rows] > s[:, None]).sum(axis=1)
-        e[rows] = (D[rows] == s[:, None]).sum(axis=1)
-        # A tie with the last retrieved score may continue beyond the k results: count exactly.
-        recount[rows[(s == last[rows]) & (kk < nb)]] = True
-    missing = np.flatnonzero(~found)
-    if len(missing):
-        s = np.einsum("ij,ij->i", xq32[missing], xb32[targets[missing]])
-        scale = np.maximum(np.abs(last[missing]), 1.0)
-        recount[missing[s >= last[missing] - _NEAR_TIE * scale]] = True
-    todo = np.flatnonzero(recount)
-    if len(todo):
-        block = int(np.clip(_RECOUNT_BYTES // (4 * max(nb, 1)), 1, len(todo)))
-        buf = np.empty((block, nb), dtype=np.float32)
-        for lo in range(0, len(todo), block):
-            qs = todo[lo:lo + block]
-            scores = buf[:len(qs)]
-            for j, i in enumerate(qs):
-                np.matmul(xb32, xq32[i], out=scores[j])
-            s = scores[np.arange(len(qs)), targets[qs]][:, None]
-            g[qs] = np.minimum((scores > s).sum(axis=1), k)
-            e[qs] = (scores == s).sum(axis=1)
-    return g, e
+    uq, qi, _ = unique_rows(xq)
+    ub, bi, counts = unique_rows(xb)
+    return _ranks(uq, qi, ub, bi[np.asarray(targets, dtype=np.int64)], counts, k, use_gpu)
 
 
 def recall_from_ranks(g: np.ndarray, e: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
@@ -150,9 +131,16 @@ def paired_recall(ua: np.ndarray, vb: np.ndarray, ks: tuple[int, ...] = (1, 5, 1
         raise ValueError(f"unknown recall protocol {protocol!r}; expected 'paper' or 'full'")
     acc = {"a2b": {k: 0.0 for k in ks}, "b2a": {k: 0.0 for k in ks}}
     for rows in chosen:
-        qa, qb = ua[rows], vb[rows]
-        for direction, (xq, xb) in (("a2b", (qa, qb)), ("b2a", (qb, qa))):
-            for k, r in recall_at_k(xq, xb, ks, use_gpu=use_gpu).items():
+        (ua_u, ia, ca), (vb_u, ib, cb) = unique_rows(ua[rows]), unique_rows(vb[rows])
+        if 4 * len(ua_u) * len(vb_u) <= _BLOCK_BYTES:   # one product serves both directions
+            scores = inner_products(ua_u, vb_u, use_gpu=use_gpu)
+            a2b = _count(scores[ia], ib, cb)
+            b2a = _count(np.ascontiguousarray(scores.T)[ib], ia, ca)
+        else:
+            a2b = _ranks(ua_u, ia, vb_u, ib, cb, max(ks), use_gpu)
+            b2a = _ranks(vb_u, ib, ua_u, ia, ca, max(ks), use_gpu)
+        for direction, (g, e) in (("a2b", a2b), ("b2a", b2a)):
+            for k, r in recall_from_ranks(g, e, ks).items():
                 acc[direction][k] += r / len(chosen)
     acc["mean"] = {k: 0.5 * (acc["a2b"][k] + acc["b2a"][k]) for k in ks}
     return acc

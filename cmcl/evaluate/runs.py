@@ -40,7 +40,7 @@ class Report:
 
 def report_runs(runs: str | Path, report: str | Path, *, recall_protocol: str = "paper",
                 rescore: Rescore | None = None, order: Sequence[str] = (), plots: bool = True,
-                figures: bool = False) -> Report:
+                figures: bool = False, rescore_all: bool = False) -> Report:
     """Aggregate every complete run under ``runs`` into Table 2.
 
     Writes ``report`` (Table 2 as CSV: mean and std per metric, n), ``results.csv`` beside it (long
@@ -57,6 +57,8 @@ def report_runs(runs: str | Path, report: str | Path, *, recall_protocol: str = 
         plots: write the heatmaps.
         figures: also write the paper's figures, Table 3 and the comparison plot
             (:mod:`cmcl.evaluate.figures`) into ``<report stem>_figures/``.
+        rescore_all: re-score every run through ``rescore`` instead of reading its stored rows
+            (runs scored by an earlier version of the evaluator).
     """
     report = Path(report)
     frames, summaries, skipped = [], [], []
@@ -78,7 +80,7 @@ def report_runs(runs: str | Path, report: str | Path, *, recall_protocol: str = 
             skipped.append(f"{run} (finished {done[-1] if done else 0} of {T} steps)")
             log.warning("skipping incomplete run %s (finished %d of %d steps)", run, done[-1] if done else 0, T)
             continue
-        if cfg.get("recall_protocol", "paper") == recall_protocol:
+        if cfg.get("recall_protocol", "paper") == recall_protocol and not rescore_all:
             rows = run_files.read_eval(run)
         elif rescore is None:
             raise RunError(f"{run}: scored with recall protocol {cfg.get('recall_protocol')!r}, "

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 import torch.nn.functional as F
 
 LOSS_DIRECTIONS = ("a2b", "symmetric")
+T = TypeVar("T")
+
+
+def two_way(direction: str, a2b: Callable[[], T], b2a: Callable[[], T],
+            combine: Callable[[T, T], T] = lambda f, b: 0.5 * (f + b)) -> T:
+    """The loss ``direction`` asks for, from its one-way terms: ``a2b()`` alone (``"a2b"``), or
+    ``combine(a2b(), b2a())`` (``"symmetric"``: their mean unless told otherwise)."""
+    if direction not in LOSS_DIRECTIONS:
+        raise ValueError(f"unknown loss direction {direction!r}; expected one of {LOSS_DIRECTIONS}")
+    forward = a2b()
+    return forward if direction == "a2b" else combine(forward, b2a())
 
 
 def info_nce(u: torch.Tensor, v: torch.Tensor, *, temperature: float = 1.0,
@@ -24,9 +37,4 @@ def info_nce(u: torch.Tensor, v: torch.Tensor, *, temperature: float = 1.0,
     if temperature != 1.0:
         logits = logits / temperature
     target = torch.arange(u.shape[0], device=u.device)
-    loss = F.cross_entropy(logits, target)
-    if direction == "a2b":
-        return loss
-    if direction == "symmetric":
-        return 0.5 * (loss + F.cross_entropy(logits.T, target))
-    raise ValueError(f"unknown loss direction {direction!r}; expected one of {LOSS_DIRECTIONS}")
+    return two_way(direction, lambda: F.cross_entropy(logits, target), lambda: F.cross_entropy(logits.T, target))

@@ -1,17 +1,16 @@
 """Strategy registry: a literal dict from name (= module stem) to class.
 
 Add a method by writing ``strategies/<name>.py`` with a :class:`~cmcl.train.strategies.base.Strategy`
-subclass and listing it here; the trainer is never edited.
+subclass (its hyperparameters in its ``Params`` dataclass) and listing it here; the trainer is never edited.
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import asdict, fields
 from typing import Any, Mapping
 
 from cmcl.errors import ConfigError
-from cmcl.keyvalue import coerce
-from cmcl.train.strategies.base import Objective, Strategy
+from cmcl.train.strategies.base import Objective, Strategy, make_params
 from cmcl.train.strategies.cflat import CFlat
 from cmcl.train.strategies.cila import CILA
 from cmcl.train.strategies.co2l import Co2L
@@ -62,10 +61,8 @@ def all_strategies() -> list[str]:
 
 
 def strategy_parameters(name: str) -> dict[str, Any]:
-    """The keyword-only hyperparameters of a strategy and their defaults."""
-    cls = _lookup(name)
-    sig = inspect.signature(cls.__init__)
-    return {p.name: p.default for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
+    """The hyperparameters of a strategy (its ``Params`` fields) and their defaults."""
+    return {f.name: f.default for f in fields(_lookup(name).Params)}
 
 
 def _lookup(name: str) -> type[Strategy]:
@@ -76,36 +73,14 @@ def _lookup(name: str) -> type[Strategy]:
 
 
 def resolve_params(name: str, params: Mapping[str, Any], backbone: str | None = None) -> dict[str, Any]:
-    """Defaults, then the backbone's overrides, then ``params``; unknown keys are rejected."""
+    """Defaults, then the backbone's overrides, then ``params``, validated (:func:`~.base.make_params`)."""
     cls = _lookup(name)
-    accepted = strategy_parameters(name)
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        listing = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "none"
-        raise ConfigError(f"strategy {name!r} has no parameter {', '.join(unknown)}; accepted: {listing}")
-    resolved = dict(accepted)
-    if backbone is not None:
-        resolved.update(cls.backbone_defaults.get(backbone, {}))
-    for key, value in params.items():
-        resolved[key] = _typed(name, key, accepted[key], value)
-    return resolved
-
-
-def _typed(strategy: str, key: str, default: Any, value: Any) -> Any:
-    try:
-        return coerce(value, default)
-    except ValueError as exc:
-        raise ConfigError(f"strategy {strategy!r}: parameter {key} {exc}") from None
+    return asdict(make_params(name, cls.Params, {**cls.backbone_defaults.get(backbone, {}), **params}))
 
 
 def get_strategy(name: str, backbone: str | None = None, **params: Any) -> Strategy:
     """Build a strategy from its name and hyperparameters (see :func:`resolve_params`)."""
-    resolved = resolve_params(name, params, backbone)
-    try:
-        strategy = STRATEGIES[name](**resolved)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"strategy {name!r}: {exc}") from None
-    return strategy
+    return _lookup(name)(**resolve_params(name, params, backbone))
 
 
 __all__ = ["STRATEGIES", "PAPER_ORDER", "Objective", "Strategy", "all_strategies", "get_strategy",

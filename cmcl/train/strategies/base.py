@@ -24,24 +24,73 @@ Rules every strategy follows (checked by ``tests/test_strategy_contract.py``): h
 optimizer; ``losses`` returns finite scalars keyed ``*_loss``; step 1 needs no special case;
 learners the batch does not use keep ``grad is None``; ``state_dict`` round-trips through a
 checkpoint (tensors, numbers, strings, lists and dicts only, loadable with ``weights_only=True``).
-Hyperparameters are keyword-only ``__init__`` arguments with defaults; the registry rejects
-unknown ones.
+
+Hyperparameters are declared once, as the fields of the strategy's frozen ``Params`` dataclass,
+each with its default and its constraint (:func:`param`); :func:`make_params` checks type and
+constraint for the registry, the CLI and direct construction (``DNS(lambda_min=0.1)``) alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+import typing
+from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
 from cmcl.data.paired import PairedFeatures
+from cmcl.errors import ConfigError
+from cmcl.keyvalue import coerce
 from cmcl.train.learners import ModalityLearners, PairOutput
 from cmcl.train.objective import info_nce
 from cmcl.types import StepInfo
 
 Losses = dict[str, torch.Tensor]
 Closure = Callable[[], tuple[Losses, PairOutput]]
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def param(default: Any, **rule: Any) -> Any:
+    """A hyperparameter field: its default and its constraint, any of the bounds ``ge``, ``gt``, ``le``,
+    ``lt`` and ``choices``. The field's annotation is its type (``float | None`` also allows ``None``)."""
+    return field(default=default, metadata=rule)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Hyperparameters of a strategy (none here); subclasses declare fields with :func:`param`."""
+
+
+def make_params(strategy: str, cls: type[Params], values: Mapping[str, Any]) -> Params:
+    """``cls`` from ``values`` (defaults for the rest), each coerced to its field's type
+    (:func:`cmcl.keyvalue.coerce`) and checked against its constraint; a problem is one
+    :class:`ConfigError` line naming the strategy."""
+    declared = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        listing = ", ".join(f"{k}={f.default!r}" for k, f in declared.items()) or "none"
+        raise ConfigError(f"strategy {strategy!r} has no parameter {', '.join(unknown)}; accepted: {listing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _checked(strategy, f, hints[k], values.get(k, f.default)) for k, f in declared.items()})
+
+
+def _checked(strategy: str, f: Field, hint: Any, value: Any) -> Any:
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in kinds:
+        return None
+    try:
+        if value is None:
+            raise ValueError("cannot be none")
+        value = coerce(value, kinds[0]())      # checked against the type's zero: False, 0, 0.0 or ""
+    except ValueError as exc:
+        raise ConfigError(f"strategy {strategy!r}: parameter {f.name} {exc}") from None
+    choices, bounds = f.metadata.get("choices"), [(sym, op, f.metadata[k]) for k, (sym, op) in _BOUNDS.items()
+                                                  if k in f.metadata]
+    if (choices is None or value in choices) and all(op(value, b) for _, op, b in bounds):
+        return value
+    want = f"one of {', '.join(choices)}" if choices else " and ".join(f"{sym} {b}" for sym, _, b in bounds)
+    raise ConfigError(f"strategy {strategy!r}: {f.name} must be {want} (default {f.default!r}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -58,15 +107,22 @@ class Objective:
 class Strategy:
     """Base class: plain sequential fine-tuning; every hook is a no-op or the identity.
 
-    Subclasses set :attr:`name` (equal to their module stem), take hyperparameters as keyword-only
-    ``__init__`` arguments, and override only the hooks they need.
+    Subclasses set :attr:`name` (equal to their module stem), declare their hyperparameters in a
+    nested ``Params`` dataclass (a subclass of their parent's), and override only the hooks they
+    need. The constructor takes the hyperparameters as keywords, validates them with
+    :func:`make_params` and sets each as an attribute (``self.params`` holds them all).
     """
 
+    Params: ClassVar[type[Params]] = Params
     name: ClassVar[str] = ""
     #: Per-backbone overrides of hyperparameter defaults (e.g. DNS's ``lambda_min``).
     backbone_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     #: Whether hooks read ``out.u.grad`` / ``out.v.grad`` (the trainer then retains them).
     output_grads: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        self.params = make_params(self.name, self.Params, params)
+        vars(self).update({f.name: getattr(self.params, f.name) for f in fields(self.params)})
 
     def setup(self, learners: ModalityLearners, objective: Objective) -> None:
         """Called once before the first step; stores references."""

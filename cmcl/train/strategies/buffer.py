@@ -10,18 +10,22 @@ optional per-method extras (DER's stored scores). Two filling policies:
   t every step seen keeps ``capacity // t`` pairs, old shares sub-sampled uniformly and the current
   share drawn uniformly from the step's data. During step t the buffer holds steps < t only.
 
-Randomness comes from a ``torch.Generator`` the strategy seeds from ``StepInfo.seed``, so resumed
-runs replay the same choices.
+Randomness comes from a ``torch.Generator`` seeded from ``StepInfo.seed``, so resumed runs replay
+the same choices. :class:`Replay` is the bookkeeping every rehearsal strategy shares.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
 
 from cmcl.data.paired import PairedFeatures
+from cmcl.train.learners import PairOutput
+from cmcl.train.strategies.base import Strategy, param
+from cmcl.types import StepInfo
 
 
 class ReplayBuffer:
@@ -34,8 +38,6 @@ class ReplayBuffer:
     """
 
     def __init__(self, capacity: int, extras: Mapping[str, tuple[int, ...]] | None = None) -> None:
-        if capacity < 1:
-            raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
         self.capacity = int(capacity)
         self.extra_shapes = dict(extras or {})
         self._store: PairedFeatures | None = None   # preallocated rows; the first `size` are valid
@@ -155,3 +157,65 @@ class ReplayBuffer:
             mb=np.asarray(state["mb"], dtype="<U32"), step=state["step"].to(device),
             labels=state["labels"].to(device), ids=np.asarray(state["ids"], dtype=object))
         self._extras = {k: v.to(device) for k, v in state["extras"].items()}
+
+
+def own_rows(step: StepInfo, data: PairedFeatures) -> PairedFeatures:
+    """``data`` with every row tagged as step ``step.index`` (what the buffer and Co2L's anchors key on)."""
+    if bool((data.step == step.index).all()):
+        return data
+    return replace(data, step=torch.full_like(data.step, step.index))
+
+
+class Replay(Strategy):
+    """Rehearsal bookkeeping shared by DER, GEM and Co2L (with C-Flat and CILA): the buffer of
+    ``buffer_size`` pairs, its checkpoint state and report, and its filling. With ``reservoir`` every
+    batch is offered after its update (with its :meth:`record_extras`); otherwise the buffer is refilled
+    step-balanced after each step. Fills draw from one generator seeded with the step's seed.
+    """
+
+    @dataclass(frozen=True)
+    class Params(Strategy.Params):
+        buffer_size: int = param(256, ge=1)     # M, the pairs the buffer holds
+
+    reservoir: ClassVar[bool] = False
+    #: per-record tensors stored with each pair (name -> trailing shape); reservoir only
+    buffer_extras: ClassVar[Mapping[str, tuple[int, ...]]] = {}
+    #: report key of step s's stored pairs, and whether the size (and offers) are reported too
+    step_key: ClassVar[str] = "buffer/step_{s}"
+    report_totals: ClassVar[bool] = True
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.buffer = ReplayBuffer(self.buffer_size, self.buffer_extras)
+        self._fill: torch.Generator | None = None
+
+    def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        self._fill = torch.Generator().manual_seed(step.seed)
+
+    def record_extras(self, batch: PairedFeatures, out: PairOutput) -> dict[str, torch.Tensor]:
+        """The ``extras`` of the batch's pairs, from the forward pass of the update just made."""
+        return {}
+
+    def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
+        if self.reservoir:
+            self.buffer.add_reservoir(batch, self._fill, self.record_extras(batch, out))
+
+    def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        if not self.reservoir:
+            self.buffer.fill_balanced(own_rows(step, data), step.index, self._fill)
+
+    def report(self) -> dict[str, float]:
+        """Stored pairs per protocol step; the size (and, reservoir, the pairs offered so far)."""
+        out = {self.step_key.format(name=self.name, s=s): float(c)
+               for s, c in sorted(self.buffer.composition().items())}
+        if self.report_totals:
+            out["buffer/size"] = float(len(self.buffer))
+            if self.reservoir:
+                out["buffer/offers"] = float(self.buffer.offers)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.buffer.load_state_dict(state["buffer"], device=next(self.learners.parameters()).device)

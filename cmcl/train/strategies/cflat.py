@@ -18,11 +18,14 @@ never perturbed. The teacher's IRD targets do not depend on θ and are computed 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Closure, Losses
+from cmcl.train.strategies.base import Closure, Losses, param
 from cmcl.train.strategies.co2l import Co2L
 from cmcl.types import StepInfo
 
@@ -37,23 +40,15 @@ def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 class CFlat(Co2L):
     """Co2L's loss minimised with C-Flat's zeroth- plus first-order flatness gradient."""
 
+    @dataclass(frozen=True)
+    class Params(Co2L.Params):
+        rho: float = param(0.2, ge=0)           # ρ, the radius of every perturbation
+        lambda_cf: float = param(0.2, ge=0)     # λ, the weight of the first-order flatness term g3 - g2
+
     name = "cflat"
 
-    def __init__(self, *, buffer_size: int = 256, distill_power: float = 1.0, kappa: float = 0.2,
-                 kappa_past: float = 0.01, temperature: float | None = None, replay: str = "same_space",
-                 rho: float = 0.2, lambda_cf: float = 0.2) -> None:
-        """Co2L's hyperparameters plus C-Flat's.
-
-        Args:
-            rho: ρ, the radius of every perturbation.
-            lambda_cf: λ, the weight of the first-order flatness term ``g3 - g2``.
-        """
-        super().__init__(buffer_size=buffer_size, distill_power=distill_power, kappa=kappa,
-                         kappa_past=kappa_past, temperature=temperature, replay=replay)
-        if rho < 0 or lambda_cf < 0:
-            raise ValueError("rho and lambda_cf must be >= 0")
-        self.rho = float(rho)
-        self.lambda_cf = float(lambda_cf)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self._norms: list[tuple[float, ...]] = []
         self._work: dict[int, torch.Tensor] = {}   # id(parameter) -> perturbed-point storage
 

@@ -18,10 +18,12 @@ Averaging over all updates (rather than Co2L's per-epoch logs) is this implement
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cmcl.data.paired import PairedFeatures
-from cmcl.train.strategies.co2l import Co2L
+from cmcl.train.strategies.base import param
+from cmcl.train.strategies.co2l import Co2L, Co2LParams
 from cmcl.types import StepInfo
 
 RULES = ("max", "pure", "min")
@@ -59,25 +61,15 @@ def cila_coefficient(step_index: int, means: Mapping[int, tuple[float, float]], 
 class CILA(Co2L):
     """Co2L with CILA's adaptive distillation coefficient λ_t."""
 
+    @dataclass(frozen=True)
+    class Params(Co2LParams):                   # Co2L's fixed distill_power is replaced by λ_t
+        balance: float = param(5.0, ge=0)       # κ, the balancing coefficient of the loss ratio
+        rule: str = param("max", choices=RULES)  # "max" (the method), or the ablations "pure" and "min"
+
     name = "cila"
 
-    def __init__(self, *, buffer_size: int = 256, kappa: float = 0.2, kappa_past: float = 0.01,
-                 temperature: float | None = None, replay: str = "same_space", balance: float = 5.0,
-                 rule: str = "max") -> None:
-        """Co2L's hyperparameters (its fixed ``distill_power`` is replaced by λ_t) plus CILA's.
-
-        Args:
-            balance: κ, the balancing coefficient of the loss ratio.
-            rule: ``"max"`` (the method), or the paper's ablations ``"pure"`` and ``"min"``.
-        """
-        super().__init__(buffer_size=buffer_size, kappa=kappa, kappa_past=kappa_past, temperature=temperature,
-                         replay=replay)
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if balance < 0:
-            raise ValueError("balance must be >= 0")
-        self.balance = float(balance)
-        self.rule = rule
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.means: dict[int, tuple[float, float]] = {}   # step -> (mean L_con, mean L_dis)
         self.lam = 1.0
 

@@ -29,9 +29,7 @@ the trainer sums them. C-Flat (:mod:`.cflat`) and CILA (:mod:`.cila`) reuse this
 from __future__ import annotations
 
 import contextlib
-
 import copy
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,8 +39,9 @@ import torch.nn.functional as F
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import ModalityLearners, PairOutput
-from cmcl.train.strategies.base import Closure, Losses, Objective, Strategy
-from cmcl.train.strategies.buffer import ReplayBuffer
+from cmcl.train.objective import two_way
+from cmcl.train.strategies.base import Closure, Losses, Objective, param
+from cmcl.train.strategies.buffer import Replay, own_rows
 from cmcl.types import StepInfo
 
 
@@ -64,14 +63,12 @@ def asymmetric_contrastive(u: torch.Tensor, v: torch.Tensor, current: torch.Tens
     if temperature != 1.0:
         logits = logits / temperature
     count = current.sum().clamp_min(1)
-    # torch.where, not a product: a masked row never leaks into the value, even if non-finite.
-    loss = -torch.where(current, torch.log_softmax(logits, dim=1).diagonal(), 0.0).sum() / count
-    if direction == "a2b":
-        return loss
-    if direction == "symmetric":
-        back = -torch.where(current, torch.log_softmax(logits, dim=0).diagonal(), 0.0).sum() / count
-        return 0.5 * (loss + back)
-    raise ValueError(f"unknown loss direction {direction!r}")
+
+    def one_way(dim: int) -> torch.Tensor:
+        # torch.where, not a product: a masked row never leaks into the value, even if non-finite.
+        return -torch.where(current, torch.log_softmax(logits, dim=dim).diagonal(), 0.0).sum() / count
+
+    return two_way(direction, lambda: one_way(1), lambda: one_way(0))
 
 
 REPLAY_MODES = ("same_space", "own_pair", "all_rows")
@@ -109,8 +106,6 @@ def space_contrastive_rows(u: torch.Tensor, v: torch.Tensor, ma: np.ndarray, mb:
     Returns:
         (n,) per-row losses, 0 where ``anchors`` is False.
     """
-    if direction not in ("a2b", "symmetric"):
-        raise ValueError(f"unknown loss direction {direction!r}")
     n = u.shape[0]
     ca, cb = (torch.as_tensor(c, device=u.device) for c in _codes(ma, mb))
     eye = torch.eye(n, dtype=torch.bool, device=u.device)
@@ -126,10 +121,7 @@ def space_contrastive_rows(u: torch.Tensor, v: torch.Tensor, ma: np.ndarray, mb:
         logp = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=1)
         return -torch.where(anchors, logp.diagonal(), 0.0)
 
-    rows = one_way(u, v, ca, cb)
-    if direction == "symmetric":
-        rows = 0.5 * (rows + one_way(v, u, cb, ca))
-    return rows
+    return two_way(direction, lambda: one_way(u, v, ca, cb), lambda: one_way(v, u, cb, ca))
 
 
 def relation_targets(z_teacher: torch.Tensor, kappa_past: float) -> torch.Tensor:
@@ -185,47 +177,33 @@ class IndexedRows(PairedFeatures):
         return replace(super().to(device), row=self.row.to(device))
 
 
-class Co2L(Strategy):
+@dataclass(frozen=True)
+class Co2LParams(Replay.Params):
+    """Co2L's hyperparameters but the IRD weight (baselines.md §1 table and §7); CILA shares them."""
+
+    kappa: float = param(0.2, gt=0)             # the student's IRD temperature κ (Co2L's; not in the appendix)
+    kappa_past: float = param(0.01, gt=0)       # the teacher's IRD temperature κ*
+    # τ of L_asym; None: the run's InfoNCE temperature (1, the paper's), so step 1 equals Vanilla
+    temperature: float | None = param(None, gt=0)
+    replay: str = param("same_space", choices=REPLAY_MODES)     # how buffered rows enter L_asym (module docstring)
+
+
+class Co2L(Replay):
     """Asymmetric replay contrastive loss plus instance-wise relation distillation."""
 
+    @dataclass(frozen=True)
+    class Params(Co2LParams):
+        distill_power: float = param(1.0, ge=0)  # weight of L_IRD (the appendix's "distillation power")
+
     name = "co2l"
+    step_key = "{name}/buffer/step{s:02d}"       # Co2L's family logs its buffer under its name, without totals
+    report_totals = False
 
-    def __init__(self, *, buffer_size: int = 256, distill_power: float = 1.0, kappa: float = 0.2,
-                 kappa_past: float = 0.01, temperature: float | None = None,
-                 replay: str = "same_space") -> None:
-        """Hyperparameters (baselines.md §1 table and §7).
-
-        Args:
-            buffer_size: M, pairs kept by the step-balanced buffer.
-            distill_power: weight of the IRD term (the appendix's "distillation power").
-            kappa: the student's IRD temperature κ (Co2L's default; not in the CMCL appendix).
-            kappa_past: the teacher's IRD temperature κ*.
-            temperature: τ of the asymmetric contrastive loss; ``None`` uses the run's InfoNCE
-                temperature (1 by default, the paper's), which keeps step 1 equal to Vanilla.
-            replay: how buffered rows enter ``L_asym`` (the erratum to baselines.md §7 item 3):
-                ``"same_space"`` (negatives of an a-anchor are outputs of modality b only),
-                ``"own_pair"`` (the same, and buffered pairs also anchor their own pair), or
-                ``"all_rows"`` (every buffered b output is a negative: the superseded mapping).
-        """
-        if replay not in REPLAY_MODES:
-            raise ValueError(f"replay must be one of {', '.join(REPLAY_MODES)}, got {replay!r}")
-        if kappa <= 0 or kappa_past <= 0:
-            raise ValueError("kappa and kappa_past must be > 0")
-        if temperature is not None and temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        if distill_power < 0:
-            raise ValueError("distill_power must be >= 0")
-        self.buffer_size = int(buffer_size)
-        self.distill_power = float(distill_power)
-        self.kappa = float(kappa)
-        self.kappa_past = float(kappa_past)
-        self.temperature = None if temperature is None else float(temperature)
-        self.replay = replay
-        self.buffer = ReplayBuffer(self.buffer_size)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.teacher: ModalityLearners | None = None
         self._step_index = 0
         self._replay_rows = 0
-        self._gen: torch.Generator | None = None
         self._raw: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._sums: torch.Tensor | None = None     # running (asym, ird) sums over the step's updates
         self._updates = 0
@@ -251,23 +229,16 @@ class Co2L(Strategy):
         return self.distill_power
 
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        super().before_step(step, data)
         self._step_index = step.index
-        self._gen = torch.Generator().manual_seed(step.seed)
         self._sums, self._updates, self._raw = None, 0, None
         self.teacher, self._teacher_rows = None, None
         if self.distilling:
             # A frozen copy of every learner: buffered rows are projected with their own ones.
             self.teacher = copy.deepcopy(self.learners).requires_grad_(False)
 
-    @staticmethod
-    def _own_rows(step: StepInfo, data: PairedFeatures) -> PairedFeatures:
-        """``data`` with every row tagged as the current step (what marks the anchors)."""
-        if bool((data.step == step.index).all()):
-            return data
-        return replace(data, step=torch.full_like(data.step, step.index))
-
     def training_set(self, step: StepInfo, data: PairedFeatures) -> PairedFeatures:
-        data = self._own_rows(step, data)
+        data = own_rows(step, data)     # the current step's tag marks the anchors
         stored = self.buffer.features()
         self._replay_rows = 0 if stored is None else len(stored)
         train = data if stored is None else PairedFeatures.concat([data, stored.to(data.xa.device)])
@@ -351,7 +322,7 @@ class Co2L(Strategy):
         return asym, ird
 
     def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
-        self.buffer.fill_balanced(self._own_rows(step, data), step.index, self._gen)
+        super().after_step(step, data)
         self.teacher, self._teacher_rows, self._targets = None, None, None
         report: dict[str, float] = {f"{self.name}/replay_rows": float(self._replay_rows)}
         means = self.step_means()
@@ -360,18 +331,8 @@ class Co2L(Strategy):
             if self.distilling:
                 report[f"{self.name}/ird_loss"] = means[1]
                 report[f"{self.name}/distill_weight"] = float(self.distill_weight())
-        for s, count in self.buffer.composition().items():
-            report[f"{self.name}/buffer/step{s:02d}"] = float(count)
         self._report = report
 
     def report(self) -> dict[str, float]:
         """Replayed rows, the mean raw loss terms, the IRD weight and the buffer per step (after the fill)."""
-        return dict(self._report)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        device = next(self.learners.parameters()).device
-        self.buffer = ReplayBuffer(self.buffer_size)
-        self.buffer.load_state_dict(state["buffer"], device=device)
+        return self._report | super().report()

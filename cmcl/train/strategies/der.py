@@ -25,6 +25,7 @@ performs exactly DER's updates.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,18 +34,9 @@ import torch.nn.functional as F
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Losses, Strategy
-from cmcl.train.strategies.buffer import ReplayBuffer
+from cmcl.train.strategies.base import Losses, param
+from cmcl.train.strategies.buffer import Replay
 from cmcl.types import StepInfo
-
-
-def buffer_report(buffer: ReplayBuffer, offers: bool = True) -> dict[str, float]:
-    """Buffer diagnostics: stored pairs per protocol step (``buffer/step_3``), size (and offers)."""
-    out = {f"buffer/step_{s}": float(c) for s, c in sorted(buffer.composition().items())}
-    out["buffer/size"] = float(len(buffer))
-    if offers:
-        out["buffer/offers"] = float(buffer.offers)
-    return out
 
 
 def pair_scores(out: PairOutput, temperature: float) -> torch.Tensor:
@@ -71,29 +63,32 @@ class _JointLinear(torch.autograd.Function):
         return grad.T @ x, grad.sum(0), None, None, None
 
 
-class DER(Strategy):
+class DER(Replay):
     """Dark experience replay: distil the stored pair scores of a reservoir buffer."""
 
-    name = "der"
+    @dataclass(frozen=True)
+    class Params(Replay.Params):
+        alpha: float = param(0.1, ge=0)         # weight of the score distillation
+        replay_batch: int = param(64, ge=1)     # records drawn per update
 
-    def __init__(self, *, alpha: float = 0.1, buffer_size: int = 256, replay_batch: int = 64) -> None:
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if replay_batch < 1:
-            raise ValueError(f"replay_batch must be >= 1, got {replay_batch}")
-        self.alpha = float(alpha)
-        self.beta = 0.0
-        self.replay_batch = int(replay_batch)
-        self.buffer = ReplayBuffer(int(buffer_size), extras={"score": ()})
+    name = "der"
+    reservoir = True
+    buffer_extras = {"score": ()}
+    beta = 0.0                                  # DER++'s ground-truth weight: DER has none
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self._gens: dict[str, torch.Generator] = {}
         self._trainable: frozenset[str] = frozenset()
         self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ per step
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
-        # One generator per random choice, so adding DER++'s draw never shifts DER's.
+        # One generator per random choice (the reservoir's offers use step.seed), so adding DER++'s
+        # draw never shifts DER's.
+        super().before_step(step, data)
         self._gens = {k: torch.Generator().manual_seed((step.seed + i) % (1 << 63))
-                      for i, k in enumerate(("offer", "replay", "gt"))}
+                      for i, k in ((1, "replay"), (2, "gt"))}
         self._cache_frozen(set(step.modalities))
 
     @torch.no_grad()
@@ -195,19 +190,10 @@ class DER(Strategy):
         losses["der_loss"] = self.alpha * (s_replay - stored).pow(2).mean()
         return losses
 
-    def after_update(self, batch: PairedFeatures, out: PairOutput) -> None:
+    def record_extras(self, batch: PairedFeatures, out: PairOutput) -> dict[str, torch.Tensor]:
         # `out` is the forward pass that produced this update's gradient: pre-update scores.
-        scores = pair_scores(PairOutput(out.u.detach(), out.v.detach()), self.objective.temperature)
-        self.buffer.add_reservoir(batch, self._gens["offer"], {"score": scores})
-
-    # ------------------------------------------------------------------ bookkeeping
-    def report(self) -> dict[str, float]:
-        return buffer_report(self.buffer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
+        return {"score": pair_scores(PairOutput(out.u.detach(), out.v.detach()), self.objective.temperature)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        device = next(self.learners.parameters()).device
-        self.buffer.load_state_dict(state["buffer"], device=device)
+        super().load_state_dict(state)
         self._frozen = None

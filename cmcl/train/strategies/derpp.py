@@ -9,18 +9,18 @@ Everything else is :class:`~cmcl.train.strategies.der.DER`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from cmcl.train.strategies.base import param
 from cmcl.train.strategies.der import DER
 
 
 class DERpp(DER):
     """DER with the ground-truth (matched-pair BCE) replay term."""
 
+    @dataclass(frozen=True)
+    class Params(DER.Params):
+        beta: float = param(0.001, ge=0)        # weight of the ground-truth term
+
     name = "derpp"
     backbone_defaults = {"languagebind": {"beta": 0.1}}
-
-    def __init__(self, *, alpha: float = 0.1, beta: float = 0.001, buffer_size: int = 256,
-                 replay_batch: int = 64) -> None:
-        super().__init__(alpha=alpha, buffer_size=buffer_size, replay_batch=replay_batch)
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        self.beta = float(beta)

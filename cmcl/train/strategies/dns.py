@@ -35,13 +35,14 @@ the hook route runs, which projects the clipped raw gradient as the authors do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Strategy
+from cmcl.train.strategies.base import Strategy, param
 from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
 from cmcl.types import StepInfo
 
@@ -68,27 +69,19 @@ class DNS(Strategy):
         "languagebind": {"lambda_min": 1e-4},
     }
 
-    def __init__(self, *, lambda_min: float = 0.01, lambda_left: float = 0.0,
-                 energy_in: float | None = None, energy_out: float | None = None,
-                 project: str = "gradient", project_bias: bool = False, fused: bool = True,
-                 count: str = "shared") -> None:
-        if count not in COUNTS:
-            raise ValueError(f"count must be one of {', '.join(COUNTS)}, got {count!r}")
-        if project not in ("gradient", "update"):
-            raise ValueError(f"project must be 'gradient' or 'update', got {project!r}")
-        for name, value in (("energy_in", energy_in), ("energy_out", energy_out)):
-            if value is not None and not 0 < float(value) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if lambda_min < 0 or lambda_left < 0:
-            raise ValueError("lambda_min and lambda_left must be >= 0")
-        self.lambda_min = float(lambda_min)
-        self.lambda_left = float(lambda_left)
-        self.energy_in = None if energy_in is None else float(energy_in)
-        self.energy_out = None if energy_out is None else float(energy_out)
-        self.project = project
-        self.project_bias = bool(project_bias)
-        self.fused = bool(fused)
-        self.count = count
+    @dataclass(frozen=True)
+    class Params(Strategy.Params):              # the options are described in the module docstring
+        lambda_min: float = param(0.01, ge=0)
+        lambda_left: float = param(0.0, ge=0)
+        energy_in: float | None = param(None, gt=0, le=1)
+        energy_out: float | None = param(None, gt=0, le=1)
+        project: str = param("gradient", choices=("gradient", "update"))
+        project_bias: bool = False
+        fused: bool = True
+        count: str = param("shared", choices=COUNTS)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self._fused_now: set[str] = set()
         # modality -> running covariance (float64) and the number of rows behind it; n_bar is the
         # pairs of every step so far (Algorithm 1's n̄_t, the weight of the shared rule)
@@ -99,20 +92,32 @@ class DNS(Strategy):
         self.n_out: dict[str, int] = {}
         self._proj: dict[str, tuple[Projector, Projector]] = {}
         self._before: dict[str, torch.Tensor] = {}
+        # modality -> (the inputs, their Gram matrix) of the current dataset: consecutive steps on one
+        # dataset (tvl, vggsound_s) share a modality's rows, and the loader hands them the same array
+        self._grams: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
         self._ranks: dict[str, float] = {}
 
     # ------------------------------------------------------------------ projectors
+    @property
+    def one_sided(self) -> bool:
+        """``Q = I`` whatever the outputs (``lambda_left = 0``, no ``energy_out``): the output
+        covariances are never read, so they are not computed."""
+        return self.lambda_left <= 0 and self.energy_out is None
+
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
         device = self.learners[step.modalities[0]].weight.device
         self._proj = {}
         self._ranks = {}
+        self._grams = {m: v for m, v in self._grams.items() if v[0] == step.dataset}
         d_in = self.learners.dim + (1 if self.project_bias else 0)
         for m in step.modalities:
             if m in self.cov_in:
                 right = projector_from_covariance(self.cov_in[m], threshold=self.lambda_min, energy=self.energy_in)
             else:
                 right = Projector.zero(d_in)
-            if m in self.cov_out:
+            if self.one_sided:
+                left = Projector.identity(self.learners.dim) if m in self.cov_in else Projector.zero(self.learners.dim)
+            elif m in self.cov_out:
                 left = projector_from_covariance(self.cov_out[m], threshold=self.lambda_left, energy=self.energy_out)
             else:
                 left = Projector.zero(self.learners.dim)
@@ -203,16 +208,28 @@ class DNS(Strategy):
         with torch.no_grad():
             grams = {}
             for m, x in ((a, data.xa), (b, data.xb)):
-                grams[m] = self._gram(_augment(x) if self.project_bias else x)
+                grams[m] = self._input_gram(step.dataset, m, x)
                 self._accumulate(self.cov_in, self.n_in, m, grams[m], n, shared)
             # The partner's outputs W y (or W y + b) have the covariance W̃ (YᵀY) W̃ᵀ: reuse the input
             # Gram matrix instead of pushing every row through the learner (2d³ instead of 4Nd²).
-            for m, other in ((a, b), (b, a)):
+            for m, other in () if self.one_sided else ((a, b), (b, a)):
                 layer = self.learners[other]
                 w = self._flat(layer.weight, layer.bias).to(torch.float64)
                 self._accumulate(self.cov_out, self.n_out, m, w @ grams[other] @ w.T, n, shared)
         self.n_bar += n
         self._ranks["dns/n_bar"] = float(self.n_bar)
+
+    def _input_gram(self, dataset: str, m: str, x: torch.Tensor) -> torch.Tensor:
+        """XᵀX (over ``[X, 1]`` with ``project_bias``), reused when a later step of the same dataset
+        hands over the very same rows (same memory, shape and strides; the kept reference stops that
+        memory from being reused by other data, and entries of other datasets are dropped)."""
+        hit = self._grams.get(m)
+        if hit is not None and hit[0] == dataset and (hit[1].data_ptr(), hit[1].shape, hit[1].stride()) == (
+                x.data_ptr(), x.shape, x.stride()):
+            return hit[2]
+        gram = self._gram(_augment(x) if self.project_bias else x)
+        self._grams[m] = (dataset, x, gram)
+        return gram
 
     @staticmethod
     def _gram(x: torch.Tensor) -> torch.Tensor:

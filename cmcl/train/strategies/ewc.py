@@ -23,13 +23,15 @@ added: both directions' per-row log-likelihoods count, each unscaled by the loss
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.objective import two_way
+from cmcl.train.strategies.base import Losses, Strategy, param
 from cmcl.types import StepInfo
 
 _CHUNK_BATCHES = 128   # Fisher batches processed per vectorised chunk
@@ -86,8 +88,8 @@ class _PenalisedLinear(torch.autograd.Function):
 def _direction_terms(u, v, xa, xb, tau):
     """Fisher sums of one direction over equal-size batches (nb, B, d): rows are ``u``'s side.
 
-    Returns ``(F_W_row, F_c_row, F_W_col)``: the row side's weight and bias sums and the column
-    side's weight sum (its bias gets an exactly zero gradient).
+    Returns ``[F_W_row, F_c_row, F_W_col, F_c_col]``: the row side's weight and bias sums and the
+    column side's (its bias gets an exactly zero gradient).
     """
     d = u.shape[-1]
     p = torch.softmax(torch.bmm(u, v.transpose(1, 2)) / tau, dim=-1)           # (nb, B, B)
@@ -99,39 +101,37 @@ def _direction_terms(u, v, xa, xb, tau):
     f_w_row = dw.T @ xa.reshape(-1, d).square()
     f_c_row = dw.sum(0)
     f_w_col = ((u.reshape(-1, d) / tau).square() * w).T @ omega.square()
-    return f_w_row, f_c_row, f_w_col
+    return [f_w_row, f_c_row, f_w_col, torch.zeros_like(f_c_row)]
 
 
 def fisher_closed_form(u, v, xa, xb, *, temperature=1.0, direction="a2b"):
     """Sums over rows of ``w_i (grad l_i)^2`` for batches (nb, B, d) of outputs and inputs.
 
-    Returns ``{"a": (F_W, F_c), "b": (F_W, F_c)}``, not yet divided by the number of rows.
+    Returns ``{"a": (F_W, F_c), "b": (F_W, F_c)}``, not yet divided by the number of rows; both
+    directions' terms are summed under the symmetric loss.
     """
-    fwa, fca, fwb = _direction_terms(u, v, xa, xb, temperature)
-    fcb = torch.zeros_like(fca)
-    if direction == "symmetric":
-        fwb2, fcb2, fwa2 = _direction_terms(v, u, xb, xa, temperature)
-        fwa, fwb, fcb = fwa + fwa2, fwb + fwb2, fcb + fcb2
-    elif direction != "a2b":
-        raise ValueError(f"unknown loss direction {direction!r}")
+    def b2a():   # the rows are b's: its terms in the order (a, b)
+        terms = _direction_terms(v, u, xb, xa, temperature)
+        return terms[2:] + terms[:2]
+
+    fwa, fca, fwb, fcb = two_way(direction, lambda: _direction_terms(u, v, xa, xb, temperature), b2a,
+                                 lambda f, b: [x + y for x, y in zip(f, b)])
     return {"a": (fwa, fca), "b": (fwb, fcb)}
 
 
 class EWC(Strategy):
     """Online elastic weight consolidation of the learners each step trained."""
 
+    @dataclass(frozen=True)
+    class Params(Strategy.Params):
+        lambda_ewc: float = param(0.5, ge=0)    # weight of the penalty
+        gamma_ewc: float = param(1.0, ge=0, le=1)   # decay of the accumulated Fisher
+        fisher_batch: int = param(64, ge=2)     # rows per Fisher batch (>= 2: in-batch negatives)
+
     name = "ewc"
 
-    def __init__(self, *, lambda_ewc: float = 0.5, gamma_ewc: float = 1.0, fisher_batch: int = 64) -> None:
-        if lambda_ewc < 0:
-            raise ValueError(f"lambda_ewc must be >= 0, got {lambda_ewc}")
-        if not 0 <= gamma_ewc <= 1:
-            raise ValueError(f"gamma_ewc must be in [0, 1], got {gamma_ewc}")
-        if fisher_batch < 2:
-            raise ValueError(f"fisher_batch must be >= 2 (in-batch negatives), got {fisher_batch}")
-        self.lambda_ewc = float(lambda_ewc)
-        self.gamma_ewc = float(gamma_ewc)
-        self.fisher_batch = int(fisher_batch)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         # "<modality>.weight" / "<modality>.bias" -> tensor
         self.fisher: dict[str, torch.Tensor] = {}
         self.star: dict[str, torch.Tensor] = {}

@@ -27,7 +27,8 @@ respect to the learner outputs of step k's rows, hence
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +36,9 @@ import torch.nn.functional as F
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Closure, Losses, Strategy
-from cmcl.train.strategies.buffer import ReplayBuffer
-from cmcl.train.strategies.der import buffer_report
+from cmcl.train.objective import two_way
+from cmcl.train.strategies.base import Closure, Losses, param
+from cmcl.train.strategies.buffer import Replay
 from cmcl.types import StepInfo
 
 SOLVERS = ("quadprog", "nnls")
@@ -55,11 +56,8 @@ def grouped_info_nce(u: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, n_g
         logits = logits / temperature
     logits = logits.masked_fill(groups[:, None] != groups[None, :], float("-inf"))
     target = torch.arange(len(u), device=u.device)
-    per_row = F.cross_entropy(logits, target, reduction="none")
-    if direction == "symmetric":
-        per_row = 0.5 * (per_row + F.cross_entropy(logits.T, target, reduction="none"))
-    elif direction != "a2b":
-        raise ValueError(f"unknown loss direction {direction!r}")
+    per_row = two_way(direction, lambda: F.cross_entropy(logits, target, reduction="none"),
+                      lambda: F.cross_entropy(logits.T, target, reduction="none"))
     counts = torch.bincount(groups, minlength=n_groups).to(per_row.dtype)
     return torch.zeros(n_groups, dtype=per_row.dtype, device=u.device).index_add(0, groups, per_row) / counts
 
@@ -86,22 +84,20 @@ def gem_multipliers(gram: np.ndarray, dots: np.ndarray, *, margin: float, ridge:
     raise ValueError(f"unknown GEM solver {solver!r}; expected one of {', '.join(SOLVERS)}")
 
 
-class GEM(Strategy):
+class GEM(Replay):
     """Gradient episodic memory with a step-balanced memory and an exact dual QP."""
+
+    @dataclass(frozen=True)
+    class Params(Replay.Params):
+        margin: float = param(0.5, ge=0)        # lower bound of the dual variables
+        ridge: float = param(1e-3, ge=0)        # added to the Gram matrix's diagonal
+        solver: str = param("quadprog", choices=SOLVERS)
 
     name = "gem"
     output_grads = True   # dL/du, dL/dv on out: the rank-B route
 
-    def __init__(self, *, margin: float = 0.5, ridge: float = 1e-3, buffer_size: int = 256,
-                 solver: str = "quadprog") -> None:
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-        if margin < 0 or ridge < 0:
-            raise ValueError("margin and ridge must be >= 0")
-        self.margin = float(margin)
-        self.ridge = float(ridge)
-        self.solver = solver
-        self.buffer = ReplayBuffer(int(buffer_size))
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self._mem: dict[str, Any] | None = None
         self._grads: dict[str, Any] | None = None
         self.last_dots: torch.Tensor | None = None     # <g, g_k> of the last update (diagnostic)
@@ -109,6 +105,7 @@ class GEM(Strategy):
 
     # ------------------------------------------------------------------ memory of past steps
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
+        super().before_step(step, data)
         self._cur = tuple(dict.fromkeys(step.modalities))
         self._stats = {"updates": 0, "projected": 0, "violations": 0, "constraints": 0,
                        "v_sum": 0.0, "v_count": 0, "v_max": 0.0, "min_cosine": float("inf")}
@@ -258,7 +255,7 @@ class GEM(Strategy):
 
     def after_step(self, step: StepInfo, data: PairedFeatures) -> None:
         self._mem = None
-        self.buffer.fill_balanced(data, step.index, torch.Generator().manual_seed(step.seed))
+        super().after_step(step, data)
 
     # ------------------------------------------------------------------ bookkeeping
     def report(self) -> dict[str, float]:
@@ -273,11 +270,4 @@ class GEM(Strategy):
         }
         if s.get("constraints"):
             out["gem/min_cosine"] = float(s["min_cosine"])
-        return out | buffer_report(self.buffer, offers=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        device = next(self.learners.parameters()).device
-        self.buffer.load_state_dict(state["buffer"], device=device)
+        return out | super().report()

@@ -26,6 +26,7 @@ only), which makes the guarantee exact for the affine learner under plain gradie
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import ModalityLearners, PairOutput
-from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.strategies.base import Losses, Strategy, param
 from cmcl.train.strategies.projection import Projector, projector_from_covariance
 from cmcl.types import StepInfo
 
@@ -71,58 +72,29 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 class GNSP(Strategy):
     """Input-side null-space projection of the weight gradients, plus KD and MAP on a reference batch."""
 
+    @dataclass(frozen=True)
+    class Params(Strategy.Params):              # the source's configs/mtil_order_I.json and src/args.py
+        # the largest share of the data matrix's eigenvalue mass left unprotected (gnsp_rho)
+        rho: float = param(0.15, ge=0, lt=1)
+        distill: float = param(1.0, ge=0)       # weight of L_kd
+        map: float = param(0.75, ge=0)          # weight of L_map
+        kd_temperature: float = param(2.0, gt=0)    # T of the distillation
+        label_smoothing: float = param(0.2, ge=0, lt=1)     # of the MAP cross-entropies
+        # s, the scale of the reference logits; None: 1/τ of the run's InfoNCE, the scale the base loss
+        # trains with (the source uses its backbone's CLIP scale, 100, for its task loss and these terms)
+        logit_scale: float | None = param(None, gt=0)
+        ref_batch: int = param(64, ge=2)        # pairs per reference batch (the source's batch size)
+        # "initial": the frozen encoders, i.e. identity learners (the source's ref_model="initial");
+        # "previous": the learners at the start of the step
+        teacher: str = param("initial", choices=TEACHERS)
+        gram_batch: int = param(16, ge=1)       # rows per chunk of the data matrix (the source's 16)
+        accumulate: str = param("proj", choices=ACCUMULATE)     # see the module docstring
+        train_bias: bool = False                # the source freezes the biases
+
     name = "gnsp"
 
-    def __init__(self, *, rho: float = 0.15, distill: float = 1.0, map: float = 0.75,
-                 kd_temperature: float = 2.0, label_smoothing: float = 0.2, logit_scale: float | None = None,
-                 ref_batch: int = 64, teacher: str = "initial", gram_batch: int = 16,
-                 accumulate: str = "proj", train_bias: bool = False) -> None:
-        """Hyperparameters (the source's ``configs/mtil_order_I.json`` and ``src/args.py``).
-
-        Args:
-            rho: the largest share of the data matrix's eigenvalue mass left unprotected
-                (``gnsp_rho``); the protected subspace holds at least ``1 - rho`` of it.
-            distill: weight of ``L_kd`` (``distill``).
-            map: weight of ``L_map`` (``map``).
-            kd_temperature: T of the distillation (``T``).
-            label_smoothing: of the MAP cross-entropies (``label_smoothing``).
-            logit_scale: s, the scale of the reference logits. ``None`` uses 1/τ of the run's
-                InfoNCE, the scale the base loss trains with (the source uses its backbone's CLIP
-                scale, 100, for both its task loss and these terms).
-            ref_batch: pairs in each reference batch (the source's batch size).
-            teacher: ``"initial"`` (the frozen encoders, i.e. identity learners: the source's
-                ``ref_model="initial"``) or ``"previous"`` (the learners at the start of the step).
-            gram_batch: rows per chunk of the data matrix (the source's 16).
-            accumulate: ``"proj"`` or ``"sum"``, see the module docstring.
-            train_bias: train the biases too (the source freezes them; off by default).
-        """
-        if not 0 <= rho < 1:
-            raise ValueError(f"rho must be in [0, 1), got {rho}")
-        if distill < 0 or map < 0:
-            raise ValueError("distill and map must be >= 0")
-        if kd_temperature <= 0:
-            raise ValueError("kd_temperature must be > 0")
-        if not 0 <= label_smoothing < 1:
-            raise ValueError("label_smoothing must be in [0, 1)")
-        if logit_scale is not None and logit_scale <= 0:
-            raise ValueError("logit_scale must be > 0")
-        if ref_batch < 2 or gram_batch < 1:
-            raise ValueError("ref_batch must be >= 2 and gram_batch >= 1")
-        if teacher not in TEACHERS:
-            raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got {teacher!r}")
-        if accumulate not in ACCUMULATE:
-            raise ValueError(f"accumulate must be one of {', '.join(ACCUMULATE)}, got {accumulate!r}")
-        self.rho = float(rho)
-        self.distill = float(distill)
-        self.map = float(map)
-        self.kd_temperature = float(kd_temperature)
-        self.label_smoothing = float(label_smoothing)
-        self.logit_scale = None if logit_scale is None else float(logit_scale)
-        self.ref_batch = int(ref_batch)
-        self.teacher_kind = teacher
-        self.gram_batch = int(gram_batch)
-        self.accumulate = accumulate
-        self.train_bias = bool(train_bias)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.matrices: dict[str, torch.Tensor] = {}     # modality -> data matrix M_m (float64)
         self._proj: dict[str, Projector] = {}
         self._ref: PairedFeatures | None = None
@@ -155,7 +127,7 @@ class GNSP(Strategy):
         self._ref = data
         self._gen = torch.Generator().manual_seed(step.seed)
         self._teacher = None
-        if self.uses_reference and self.teacher_kind == "previous":
+        if self.uses_reference and self.teacher == "previous":
             self._teacher = copy.deepcopy(self.learners).requires_grad_(False)
 
     def reference_losses(self, ref: PairedFeatures) -> tuple[torch.Tensor, torch.Tensor]:

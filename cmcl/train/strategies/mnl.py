@@ -25,14 +25,15 @@ The base loss is the toolkit's InfoNCE (``base="toolkit"``) or the code's three 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.strategies.base import Losses, Strategy, param
 from cmcl.types import StepInfo
 
 BASES = ("toolkit", "paper")
@@ -76,7 +77,7 @@ def guided_loss(weak_logits: torch.Tensor, dominant_prob: torch.Tensor, *, ce_we
 class MNL(Strategy):
     """Dominant retrieval direction guides the weak one on non-target (in-batch) candidates.
 
-    Args:
+    Hyperparameters:
         weight: λ, the negative-learning weight (0.7/3 per sample = the released run's 0.7 over 3 classes).
         ce_weight: μ, the weak direction's extra cross-entropy (1/3 per sample = the code's 1 over 3).
         reduction: ``per_sample`` (sum over candidates, mean over samples) or ``code`` (mean over B×B;
@@ -85,21 +86,18 @@ class MNL(Strategy):
         base: ``toolkit`` (the run's InfoNCE) or ``paper`` (CE rows + CE columns + CE fused).
     """
 
+    @dataclass(frozen=True)
+    class Params(Strategy.Params):
+        weight: float = param(0.7 / 3, ge=0)
+        ce_weight: float = param(1 / 3, ge=0)
+        reduction: str = param("per_sample", choices=REDUCTIONS)
+        warmup_epochs: int = param(0, ge=0)
+        base: str = param("toolkit", choices=BASES)
+
     name = "mnl"
 
-    def __init__(self, *, weight: float = 0.7 / 3, ce_weight: float = 1 / 3, reduction: str = "per_sample",
-                 warmup_epochs: int = 0, base: str = "toolkit") -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-        if base not in BASES:
-            raise ValueError(f"base must be one of {', '.join(BASES)}, got {base!r}")
-        if weight < 0 or ce_weight < 0 or warmup_epochs < 0:
-            raise ValueError("weight, ce_weight and warmup_epochs must be >= 0")
-        self.weight = float(weight)
-        self.ce_weight = float(ce_weight)
-        self.reduction = reduction
-        self.warmup_epochs = int(warmup_epochs)
-        self.base = base
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self._sums = {"a2b": 0.0, "b2a": 0.0, "rows": 0.0}
 
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
@@ -148,9 +146,3 @@ class MNL(Strategy):
         if not rows:
             return {}
         return {"mnl/guided_a2b": self._sums["a2b"] / rows, "mnl/guided_b2a": self._sums["b2a"] / rows}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)

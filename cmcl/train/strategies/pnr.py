@@ -28,6 +28,7 @@ every step like the rest of the optimizer.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -36,7 +37,8 @@ from torch import nn
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Losses, Strategy
+from cmcl.train.objective import two_way
+from cmcl.train.strategies.base import Losses, Strategy, param
 from cmcl.types import StepInfo
 
 PREDICTORS = ("none", "linear", "mlp")
@@ -99,12 +101,12 @@ def regulariser(p: torch.Tensor, z: torch.Tensor, z_old: torch.Tensor, groups: t
 class PNR(Strategy):
     """Pseudo-negatives from the previous learners in the main term and a symmetric regulariser.
 
-    Args:
+    Hyperparameters:
         reg_weight: λ_r, weight of the regulariser (the code's implicit 1).
         reg_temperature: τ_r of the regulariser (the code's ``distill_temperature``, 0.2).
         predictor: ``none`` (identity, default [ours]), ``linear`` (identity-initialised) or ``mlp``.
         predictor_hidden: hidden width of the ``mlp`` predictor (2048 in the code).
-        predictor_lr, predictor_weight_decay: the predictors' private AdamW.
+        predictor_lr, predictor_weight_decay: the predictors' parameter group in the trainer's AdamW.
         old_partner_negative: the old partner ``v̄_i`` is a negative of ``u_i`` (code: yes).
         reg_pool_modalities: pool both modalities in the regulariser's negatives (code's pooling).
         regularise_first_step: PNR at step 1 too, against the identity learners.
@@ -113,31 +115,24 @@ class PNR(Strategy):
         reg_sim: ``cos`` (code) or ``dot`` (raw dot products, standard InfoNCE form).
     """
 
+    @dataclass(frozen=True)
+    class Params(Strategy.Params):
+        reg_weight: float = param(1.0, ge=0)
+        reg_temperature: float = param(0.2, gt=0)
+        predictor: str = param("none", choices=PREDICTORS)
+        predictor_hidden: int = param(2048, ge=1)
+        predictor_lr: float = param(1e-4, ge=0)
+        predictor_weight_decay: float = param(1e-3, ge=0)
+        old_partner_negative: bool = True
+        reg_pool_modalities: bool = False
+        regularise_first_step: bool = False
+        pseudo_negatives: bool = True
+        reg_sim: str = param("cos", choices=REG_SIMILARITIES)
+
     name = "pnr"
 
-    def __init__(self, *, reg_weight: float = 1.0, reg_temperature: float = 0.2, predictor: str = "none",
-                 predictor_hidden: int = 2048, predictor_lr: float = 1e-4, predictor_weight_decay: float = 1e-3,
-                 old_partner_negative: bool = True, reg_pool_modalities: bool = False,
-                 regularise_first_step: bool = False, pseudo_negatives: bool = True, reg_sim: str = "cos") -> None:
-        if predictor not in PREDICTORS:
-            raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
-        if reg_sim not in REG_SIMILARITIES:
-            raise ValueError(f"reg_sim must be one of {', '.join(REG_SIMILARITIES)}, got {reg_sim!r}")
-        if (reg_weight < 0 or reg_temperature <= 0 or predictor_hidden < 1 or predictor_lr < 0
-                or predictor_weight_decay < 0):
-            raise ValueError("need reg_weight >= 0, reg_temperature > 0, predictor_hidden >= 1, predictor_lr >= 0, "
-                             "predictor_weight_decay >= 0")
-        self.reg_weight = float(reg_weight)
-        self.reg_temperature = float(reg_temperature)
-        self.predictor = predictor
-        self.predictor_hidden = int(predictor_hidden)
-        self.predictor_lr = float(predictor_lr)
-        self.predictor_weight_decay = float(predictor_weight_decay)
-        self.old_partner_negative = bool(old_partner_negative)
-        self.reg_pool_modalities = bool(reg_pool_modalities)
-        self.regularise_first_step = bool(regularise_first_step)
-        self.pseudo_negatives = bool(pseudo_negatives)
-        self.reg_sim = reg_sim
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.predictors = nn.ModuleDict()
         self._old: dict[str, nn.Linear] = {}
         self._pair: tuple[str, str] | None = None
@@ -187,10 +182,10 @@ class PNR(Strategy):
             u_old, v_old = self._old[a](batch.xa), self._old[b](batch.xb)
         tau = self.objective.temperature
         if self.pseudo_negatives:
-            main = main_term(out.u, out.v, v_old, temperature=tau, old_partner_negative=self.old_partner_negative)
-            if self.objective.direction == "symmetric":
-                main = 0.5 * (main + main_term(out.v, out.u, u_old, temperature=tau,
-                                               old_partner_negative=self.old_partner_negative))
+            keep = self.old_partner_negative
+            main = two_way(self.objective.direction,
+                           lambda: main_term(out.u, out.v, v_old, temperature=tau, old_partner_negative=keep),
+                           lambda: main_term(out.v, out.u, u_old, temperature=tau, old_partner_negative=keep))
         else:
             main = self.objective(out.u, out.v)
         losses = {"contrastive_loss": main}

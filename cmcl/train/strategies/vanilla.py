@@ -7,6 +7,3 @@ class Vanilla(Strategy):
     """Plain sequential training (the lower bound of every continual method)."""
 
     name = "vanilla"
-
-    def __init__(self) -> None:
-        pass

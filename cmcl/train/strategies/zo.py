@@ -32,13 +32,14 @@ trainer's backward a graph (the loss value is unchanged and no learner gets a ``
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Strategy
+from cmcl.train.strategies.base import Strategy, param
 from cmcl.types import StepInfo
 
 #: Modalities encoded by the vision tower of the binding encoders (method.md).
@@ -61,7 +62,7 @@ def rule_side(pair: tuple[str, str]) -> str:
 class ZO(Strategy):
     """One learner updated by a conservative, sign-normalised two-point estimate; the other by AdamW.
 
-    Args:
+    Hyperparameters:
         lr_zo: η_z, the ZO learner's SGD learning rate (0: the frozen-side control).
         eps: ε, the perturbation of a non-vision-tower learner.
         eps_vision: ε_v, the perturbation of a vision-tower learner; its step is scaled by ε_v/ε.
@@ -76,34 +77,25 @@ class ZO(Strategy):
         track_drift: keep a CPU copy of the ZO parameters at step start to report how far they moved.
     """
 
+    @dataclass(frozen=True)
+    class Params(Strategy.Params):
+        lr_zo: float = param(1e-4, ge=0)
+        eps: float = param(1e-3, gt=0)
+        eps_vision: float = param(5e-4, gt=0)
+        sign: str = param("scalar", choices=SIGNS)
+        conservative: bool = True
+        side: str = param("rule", choices=SIDES)
+        mode: str = param("single", choices=MODES)
+        queries: int = param(1, ge=1)
+        weight_decay_zo: float = param(1e-3, ge=0)
+        auto_draws: int = param(16, ge=2)
+        auto_batches: int = param(2, ge=1)
+        track_drift: bool = True
+
     name = "zo"
 
-    def __init__(self, *, lr_zo: float = 1e-4, eps: float = 1e-3, eps_vision: float = 5e-4, sign: str = "scalar",
-                 conservative: bool = True, side: str = "rule", mode: str = "single", queries: int = 1,
-                 weight_decay_zo: float = 1e-3, auto_draws: int = 16, auto_batches: int = 2,
-                 track_drift: bool = True) -> None:
-        if sign not in SIGNS:
-            raise ValueError(f"sign must be one of {', '.join(SIGNS)}, got {sign!r}")
-        if side not in SIDES:
-            raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if (lr_zo < 0 or eps <= 0 or eps_vision <= 0 or queries < 1 or auto_draws < 2 or auto_batches < 1
-                or weight_decay_zo < 0):
-            raise ValueError("need lr_zo >= 0, eps > 0, eps_vision > 0, queries >= 1, auto_draws >= 2, auto_batches >= 1, "
-                             "weight_decay_zo >= 0")
-        self.lr_zo = float(lr_zo)
-        self.eps = float(eps)
-        self.eps_vision = float(eps_vision)
-        self.sign = sign
-        self.conservative = bool(conservative)
-        self.side = side
-        self.mode = mode
-        self.queries = int(queries)
-        self.weight_decay_zo = float(weight_decay_zo)
-        self.auto_draws = int(auto_draws)
-        self.auto_batches = int(auto_batches)
-        self.track_drift = bool(track_drift)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self._zo: tuple[str, ...] = ()       # ZO modalities of the current step
         self._pair: tuple[str, str] | None = None
         self._gen: torch.Generator | None = None
@@ -283,9 +275,3 @@ class ZO(Strategy):
             for i, m in enumerate(self._pair):
                 out[f"zo/is_zo/{'ab'[i]}"] = float(m in self._zo)
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
