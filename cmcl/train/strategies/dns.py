@@ -136,8 +136,7 @@ class DNS(Strategy):
     def _projected_inputs(self, right: Projector):
         """x ↦ x (I − P) (over [x; 1] with ``project_bias``): the weight gradient then is G − G P."""
         def transform(x: torch.Tensor) -> torch.Tensor:
-            xin = _augment(x) if self.project_bias else x
-            return xin - right.right(xin)
+            return right.right_complement(_augment(x) if self.project_bias else x)
         return transform
 
     # ------------------------------------------------------------------ gradient projection
@@ -233,10 +232,19 @@ class DNS(Strategy):
 
     @staticmethod
     def _gram(x: torch.Tensor) -> torch.Tensor:
+        """XᵀX in float64, accumulated over float32 blocks. On the CPU the blocks go through numpy,
+        whose BLAS call for ``Bᵀ B`` is a symmetric rank-k update, half a matrix product's work
+        (measured 0.064 s against torch's 0.122 s for an 8,192 × 1,024 block, docs/performance.md)."""
         gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+        xn = x.detach().numpy() if on_cpu else None
         for i in range(0, len(x), _BLOCK):
-            block = x[i:i + _BLOCK]
-            gram += (block.T @ block).to(torch.float64)
+            if on_cpu:
+                block = xn[i:i + _BLOCK]
+                gram += torch.from_numpy(block.T @ block)
+            else:
+                block = x[i:i + _BLOCK]
+                gram += (block.T @ block).to(torch.float64)
         return gram
 
     @staticmethod

@@ -82,6 +82,17 @@ class Projector:
         low = (m @ u) @ u.T
         return m - low if self.complement else low
 
+    def right_complement(self, m: torch.Tensor) -> torch.Tensor:
+        """``m @ (I - P)`` for m of shape (r, d), with the subtraction fused into the product."""
+        if self.is_zero:
+            return m
+        if self.is_identity:
+            return torch.zeros_like(m)
+        u = self.basis
+        if self.complement:
+            return (m @ u) @ u.T
+        return torch.addmm(m, m @ u, u.T, alpha=-1)
+
     def left(self, m: torch.Tensor) -> torch.Tensor:
         """``P @ m`` for m of shape (d, r)."""
         return self.right(m.T).T
