@@ -51,6 +51,36 @@ def test_scorer_reuses_exactly_the_splits_whose_modalities_did_not_change(tiny_c
     assert scorer.computed == 5 + 3
 
 
+def test_a_re_scored_split_embeds_only_its_changed_modalities(tiny_cache, tmp_path):
+    proto = tmp_path / "p.toml"
+    proto.write_text(TWO_WORLDS)
+    tests = StepData(tiny_cache, "synthetic", load_protocol(str(proto))).test_sets()
+    torch.manual_seed(0)
+    learners = ModalityLearners(["vision", "depth", "text", "audio"], tests[0].xa.shape[1])
+    calls = []
+
+    def counting(modality, x):
+        calls.append(modality)
+        return embedder(learners)(modality, x)
+
+    scorer = Scorer(tests, EvalSettings("full"))
+    scorer(counting, 0)
+    assert sorted(set(calls)) == ["audio", "depth", "text", "vision"]
+    calls.clear()
+    with torch.no_grad():
+        learners["audio"].weight.add_(0.3 * torch.randn_like(learners["audio"].weight))
+    rows = scorer(counting, 1, changed={"audio"})
+    assert calls == ["audio", "audio"]                    # esc50 and clotho: their text outputs are kept
+    assert pd.DataFrame(rows).equals(pd.DataFrame(score(embedder(learners), tests, 1, EvalSettings("full"))))
+    calls.clear()
+    with torch.no_grad():
+        learners["text"].weight.add_(0.3 * torch.randn_like(learners["text"].weight))
+    rows = scorer(counting, 2, changed={"text"})
+    class_names = sum(ts.step.has_acc and ts.class_emb is not None for ts in tests)
+    assert calls == ["text"] * (2 + class_names)          # the two splits' texts (and class names)
+    assert pd.DataFrame(rows).equals(pd.DataFrame(score(embedder(learners), tests, 2, EvalSettings("full"))))
+
+
 def test_training_reuses_rows_and_they_equal_a_rescore_from_checkpoints(tiny_cache, tmp_path, monkeypatch):
     proto = tmp_path / "p.toml"
     proto.write_text(TWO_WORLDS)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmcl.data.paired import TestSet
-from cmcl.evaluate.retrieval import paired_recall, unique_rows, zero_shot_accuracy
+from cmcl.evaluate.retrieval import distinct_index, paired_recall, zero_shot_accuracy
 from cmcl.types import RECALL_PROTOCOLS
 
 KS = (1, 5, 10)
@@ -55,19 +55,36 @@ def scored_modalities(ts: TestSet) -> frozenset[str]:
     return frozenset({a, b} | ({"text"} if ts.step.has_acc and ts.class_emb is not None else set()))
 
 
-def _embed_distinct(embed: Embed, modality: str, x: np.ndarray) -> np.ndarray:
-    """``embed(modality, x)`` computed once per distinct row of ``x``: repeated inputs (one caption
-    per class) get bytewise identical outputs, and the split embeds faster."""
-    rows, inverse, _ = unique_rows(x)
-    return embed(modality, rows)[inverse]
+#: per side of a test split, ``(first, inverse)`` of its distinct input rows (fixed for a run)
+Index = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _score_one(embed: Embed, ts: TestSet, settings: EvalSettings) -> list[dict]:
-    """Rows of one test split, without ``trained_through``."""
+def input_index(ts: TestSet) -> Index:
+    """The distinct input rows of both sides of a test split."""
+    return distinct_index(ts.xa)[:2], distinct_index(ts.xb)[:2]
+
+
+def _score_one(embed: Embed, ts: TestSet, settings: EvalSettings, index: Index | None = None,
+               outputs: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Rows of one test split, without ``trained_through``.
+
+    Each distinct input row is embedded once (repeated captions get bytewise identical outputs),
+    and the metrics work on the distinct outputs and the inverse map, without expanding them.
+    ``outputs`` holds the split's outputs by modality: those present are used as they are, the
+    others are computed and added.
+    """
     step = ts.step
     a, b = step.modalities
     base = {"eval_step": step.index, "dataset": step.dataset, "pair": step.pair}
-    ua, vb = _embed_distinct(embed, a, ts.xa), _embed_distinct(embed, b, ts.xb)
+    (fa, ia), (fb, ib) = index or input_index(ts)
+    outputs = {} if outputs is None else outputs
+
+    def output(key: str, modality: str, x: np.ndarray) -> np.ndarray:
+        if key not in outputs:
+            outputs[key] = embed(modality, x)
+        return outputs[key]
+
+    ua, vb = (output(f"a:{a}", a, ts.xa[fa]), ia), (output(f"b:{b}", b, ts.xb[fb]), ib)
     rows = []
     if step.has_recall:
         rec = paired_recall(ua, vb, KS, protocol=settings.recall_protocol, pool_size=settings.pool_size,
@@ -77,11 +94,12 @@ def _score_one(embed: Embed, ts: TestSet, settings: EvalSettings) -> list[dict]:
                  for direction, values in rec.items() for k, v in values.items()]
     if step.has_acc and ts.class_emb is not None:
         query = ua if b == "text" else vb  # the non-text side
-        acc = zero_shot_accuracy(query, embed("text", ts.class_emb), ts.labels, use_gpu=settings.use_gpu)
+        acc = zero_shot_accuracy(query, output("classes:text", "text", ts.class_emb), ts.labels,
+                                 use_gpu=settings.use_gpu)
         rows.append(base | {"direction": "zero-shot", "metric": "acc", "value": 100.0 * acc})
     # The paper's alignment score A (Definition 1): the inner product of each test pair's outputs,
     # averaged over the split (raw, not a percentage); Fig. 3a compares it across steps.
-    align = float(np.einsum("ij,ij->i", ua.astype(np.float64), vb.astype(np.float64)).mean())
+    align = float(np.einsum("ij,ij->i", ua[0][ia], vb[0][ib], dtype=np.float64).mean())
     rows.append(base | {"direction": "mean", "metric": "align", "value": align})
     return rows
 
@@ -105,6 +123,9 @@ class Scorer:
         self.test_sets = list(test_sets)
         self.settings = settings
         self._last: list[list[dict]] | None = None
+        self._index: dict[int, Index] = {}
+        # per split, its outputs by "<side>:<modality>", kept while that modality's map is unchanged
+        self._outputs: dict[int, dict[str, np.ndarray]] = {}
         self.reused = 0
         self.computed = 0
 
@@ -115,7 +136,12 @@ class Scorer:
                 rows.append(self._last[i])
                 self.reused += 1
             else:
-                rows.append(_score_one(embed, ts, self.settings))
+                if i not in self._index:
+                    self._index[i] = input_index(ts)
+                kept = self._outputs.get(i, {}) if self._last is not None and changed is not None else {}
+                kept = {k: v for k, v in kept.items() if k.split(":", 1)[1] not in set(changed or ())}
+                rows.append(_score_one(embed, ts, self.settings, self._index[i], kept))
+                self._outputs[i] = kept
                 self.computed += 1
         self._last = rows
         return [{"trained_through": trained_through} | r for split_rows in rows for r in split_rows]

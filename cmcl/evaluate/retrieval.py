@@ -43,20 +43,45 @@ def inner_products(xq: np.ndarray, xb: np.ndarray, *, use_gpu: bool = False) -> 
     return xq @ xb.T
 
 
-def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rows, inverse, counts)``: the distinct rows of ``x`` as float32 (bytewise), ``x[i] ==
-    rows[inverse[i]]`` and how often each occurs."""
+def distinct_index(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(first, inverse, counts)`` of the distinct rows of ``x`` (bytewise as float32): the distinct
+    rows are ``x[first]``, ``x[i]`` is row ``inverse[i]`` of them, which occurs ``counts`` times."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     keys = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
     _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
-    return x[first], inverse.ravel(), counts
+    return first, inverse.ravel(), counts
+
+
+def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, inverse, counts)``: the distinct rows of ``x`` as float32 (bytewise), ``x[i] ==
+    rows[inverse[i]]`` and how often each occurs."""
+    first, inverse, counts = distinct_index(x)
+    return np.ascontiguousarray(x[first], dtype=np.float32), inverse, counts
+
+
+#: ``(rows, inverse)``: an (N, D) array given as its distinct rows and ``inverse`` (N,), the array
+#: being ``rows[inverse]``; what :func:`unique_rows` returns first, for callers that already know it.
+Distinct = tuple[np.ndarray, np.ndarray]
+
+
+def _distinct(x: np.ndarray | Distinct) -> Distinct:
+    return x if isinstance(x, tuple) else unique_rows(x)[:2]
+
+
+def _subset(x: Distinct, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`unique_rows` of ``x[rows]`` (an integer ``np.unique``, no row comparison)."""
+    used, inverse, counts = np.unique(x[1][rows], return_inverse=True, return_counts=True)
+    return np.ascontiguousarray(x[0][used], dtype=np.float32), inverse.ravel(), counts
 
 
 def _count(scores: np.ndarray, partner: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(g, e)`` of each row of ``scores`` (distinct candidates, weighted by ``counts``) against
     the column ``partner[i]`` of its row."""
     s = scores[np.arange(len(scores)), partner][:, None]
-    return (scores > s) @ counts, (scores == s) @ counts
+    above, tied = scores > s, scores == s
+    if counts.max() == 1:
+        return np.count_nonzero(above, axis=1), np.count_nonzero(tied, axis=1)
+    return above @ counts, tied @ counts
 
 
 def _ranks(uq: np.ndarray, query_row: np.ndarray, ub: np.ndarray, partner: np.ndarray, counts: np.ndarray,
@@ -75,17 +100,19 @@ def _ranks(uq: np.ndarray, query_row: np.ndarray, ub: np.ndarray, partner: np.nd
     return np.minimum(g, k), e
 
 
-def partner_ranks(xq: np.ndarray, xb: np.ndarray, targets: np.ndarray, k: int, *,
+def partner_ranks(xq: np.ndarray | Distinct, xb: np.ndarray | Distinct, targets: np.ndarray, k: int, *,
                   use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(g, e)`` per query: candidates scoring above the target, and tied with it (>= 1).
 
     ``g`` is exact when it is below ``k``; any ``g >= k`` means "not in the top k" and is reported
     as ``k``. Candidates are the rows of ``xb``; ``targets[i]`` is the row of query ``i``'s partner.
-    Copies of a candidate row always tie (each distinct row is scored once).
+    Copies of a candidate row always tie (each distinct row is scored once). Either side may be
+    given as :data:`Distinct` rows.
     """
-    uq, qi, _ = unique_rows(xq)
-    ub, bi, counts = unique_rows(xb)
-    return _ranks(uq, qi, ub, bi[np.asarray(targets, dtype=np.int64)], counts, k, use_gpu)
+    (uq, qi), xb = _distinct(xq), _distinct(xb)
+    ub, bi, counts = _subset(xb, np.arange(len(xb[1])))
+    return _ranks(np.ascontiguousarray(uq, dtype=np.float32), qi, ub, bi[np.asarray(targets, dtype=np.int64)],
+                  counts, k, use_gpu)
 
 
 def recall_from_ranks(g: np.ndarray, e: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
@@ -113,25 +140,28 @@ def pools(n: int, *, size: int = 1000, count: int = 5, seed: int = 0) -> list[np
     return [np.sort(rng.choice(n, size=size, replace=False)) for _ in range(count)]
 
 
-def paired_recall(ua: np.ndarray, vb: np.ndarray, ks: tuple[int, ...] = (1, 5, 10), *,
+def paired_recall(ua: np.ndarray | Distinct, vb: np.ndarray | Distinct, ks: tuple[int, ...] = (1, 5, 10), *,
                   protocol: str = "paper", pool_size: int = 1000, pool_count: int = 5, seed: int = 0,
                   use_gpu: bool = False) -> dict[str, dict[int, float]]:
     """Recall@k of paired outputs in both directions (``a2b``, ``b2a``) and their ``mean``.
 
     Args:
-        ua, vb: (N, D) outputs; row i of ``ua`` is paired with row i of ``vb``.
+        ua, vb: (N, D) outputs, or their :data:`Distinct` rows; row i of ``ua`` is paired with
+            row i of ``vb``.
         protocol: ``"paper"`` (mean over ``pool_count`` seeded pools of ``pool_size`` pairs; the
             whole set when smaller) or ``"full"`` (the whole test set once).
     """
+    ua, vb = _distinct(ua), _distinct(vb)
+    n = len(ua[1])
     if protocol == "full":
-        chosen = [np.arange(len(ua))]
+        chosen = [np.arange(n)]
     elif protocol == "paper":
-        chosen = pools(len(ua), size=pool_size, count=pool_count, seed=seed)
+        chosen = pools(n, size=pool_size, count=pool_count, seed=seed)
     else:
         raise ValueError(f"unknown recall protocol {protocol!r}; expected 'paper' or 'full'")
     acc = {"a2b": {k: 0.0 for k in ks}, "b2a": {k: 0.0 for k in ks}}
     for rows in chosen:
-        (ua_u, ia, ca), (vb_u, ib, cb) = unique_rows(ua[rows]), unique_rows(vb[rows])
+        (ua_u, ia, ca), (vb_u, ib, cb) = _subset(ua, rows), _subset(vb, rows)
         if 4 * len(ua_u) * len(vb_u) <= _BLOCK_BYTES:   # one product serves both directions
             scores = inner_products(ua_u, vb_u, use_gpu=use_gpu)
             a2b = _count(scores[ia], ib, cb)
@@ -146,7 +176,7 @@ def paired_recall(ua: np.ndarray, vb: np.ndarray, ks: tuple[int, ...] = (1, 5, 1
     return acc
 
 
-def zero_shot_accuracy(xq: np.ndarray, prototypes: np.ndarray, labels: np.ndarray, *,
+def zero_shot_accuracy(xq: np.ndarray | Distinct, prototypes: np.ndarray, labels: np.ndarray, *,
                        use_gpu: bool = False) -> float:
     """Top-1 accuracy of ``argmax_c <xq_i, prototypes_c>`` against ``labels`` (ties shared evenly)."""
     g, e = partner_ranks(xq, prototypes, labels, 1, use_gpu=use_gpu)
