@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmcl.data.paired import PairedFeatures
+from cmcl.data.paired import PairedFeatures, take_rows
 from cmcl.train.learners import PairOutput
 from cmcl.train.strategies.base import Losses, param
 from cmcl.train.strategies.buffer import Replay
@@ -117,16 +117,15 @@ class DER(Replay):
         Each trainable learner runs once over all its drawn rows, both sides together.
         """
         feats = self.buffer.features()
-        dev_idx = idx.to(feats.xa.device)
-        xa, xb = feats.xa[dev_idx], feats.xb[dev_idx]
+        xa, xb = take_rows(feats.xa, idx), take_rows(feats.xb, idx)
         ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
-        u, v = self._frozen[0][dev_idx], self._frozen[1][dev_idx]
+        u, v = take_rows(self._frozen[0], idx), take_rows(self._frozen[1], idx)
         for m in sorted(self._trainable):
             ra = torch.as_tensor(np.flatnonzero(ma == m), device=xa.device)
             rb = torch.as_tensor(np.flatnonzero(mb == m), device=xa.device)
             if not len(ra) and not len(rb):
                 continue
-            y = self.learners[m](torch.cat([xa[ra], xb[rb]]))
+            y = self.learners[m](torch.cat([take_rows(xa, ra), take_rows(xb, rb)]))
             if len(ra):
                 u = u.index_put((ra,), y[:len(ra)])
             if len(rb):
@@ -145,16 +144,16 @@ class DER(Replay):
         """
         a, b = batch.single_pair
         feats = self.buffer.features()
-        dev_idx = idx.to(feats.xa.device)
-        xa, xb = feats.xa[dev_idx], feats.xb[dev_idx]
+        xa, xb = take_rows(feats.xa, idx), take_rows(feats.xb, idx)
         ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
-        u, v = self._frozen[0][dev_idx], self._frozen[1][dev_idx]
+        u, v = take_rows(self._frozen[0], idx), take_rows(self._frozen[1], idx)
         current = {}
         for m, known, x_known in ((a, out.u, batch.xa), (b, out.v, batch.xb)):
             ra = torch.as_tensor(np.flatnonzero(ma == m), device=xa.device)
             rb = torch.as_tensor(np.flatnonzero(mb == m), device=xa.device)
             layer = self.learners[m]
-            y = _JointLinear.apply(layer.weight, layer.bias, known.detach(), x_known, torch.cat([xa[ra], xb[rb]]))
+            x_new = torch.cat([take_rows(xa, ra), take_rows(xb, rb)])
+            y = _JointLinear.apply(layer.weight, layer.bias, known.detach(), x_known, x_new)
             n = len(x_known)
             current[m] = y[:n]
             if len(ra):
