@@ -122,18 +122,11 @@ class PairedFeatures:
 def _rows(x: torch.Tensor, np_rows, t_rows) -> torch.Tensor:
     """``x[rows]``. On the CPU through numpy: the same values, but torch's multi-threaded gather of a
     batch's scattered rows waits on its second thread (measured 5-16 ms against numpy's 0.2-0.3 ms
-    for 64 of 47,584 rows of d = 1,024 on a busy 2-core machine; 0.41 ms against 0.05 ms for 128 of
-    256 rows with one other busy thread)."""
+    for 64 of 47,584 rows of d = 1,024 on a busy 2-core machine; about the same when idle)."""
     if (x.device.type == "cpu" and not isinstance(np_rows, slice) and x.dtype == torch.float32
             and not x.requires_grad):
         return torch.from_numpy(x.numpy()[np_rows])
     return x[t_rows]
-
-
-def take_rows(x: torch.Tensor, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """``x[rows]`` for an index tensor or array (the fast CPU gather of :meth:`PairedFeatures.select`)."""
-    np_rows = torch.as_tensor(rows, dtype=torch.int64).cpu().numpy()
-    return _rows(x, np_rows, torch.as_tensor(np_rows, device=x.device))
 
 
 def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmcl.data.paired import PairedFeatures, take_rows
+from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
 from cmcl.train.strategies.base import Losses, param
 from cmcl.train.strategies.buffer import Replay
@@ -117,15 +117,16 @@ class DER(Replay):
         Each trainable learner runs once over all its drawn rows, both sides together.
         """
         feats = self.buffer.features()
-        xa, xb = take_rows(feats.xa, idx), take_rows(feats.xb, idx)
+        dev_idx = idx.to(feats.xa.device)
+        xa, xb = feats.xa[dev_idx], feats.xb[dev_idx]
         ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
-        u, v = take_rows(self._frozen[0], idx), take_rows(self._frozen[1], idx)
+        u, v = self._frozen[0][dev_idx], self._frozen[1][dev_idx]
         for m in sorted(self._trainable):
             ra = torch.as_tensor(np.flatnonzero(ma == m), device=xa.device)
             rb = torch.as_tensor(np.flatnonzero(mb == m), device=xa.device)
             if not len(ra) and not len(rb):
                 continue
-            y = self.learners[m](torch.cat([take_rows(xa, ra), take_rows(xb, rb)]))
+            y = self.learners[m](torch.cat([xa[ra], xb[rb]]))
             if len(ra):
                 u = u.index_put((ra,), y[:len(ra)])
             if len(rb):
@@ -144,16 +145,16 @@ class DER(Replay):
         """
         a, b = batch.single_pair
         feats = self.buffer.features()
-        xa, xb = take_rows(feats.xa, idx), take_rows(feats.xb, idx)
+        dev_idx = idx.to(feats.xa.device)
+        xa, xb = feats.xa[dev_idx], feats.xb[dev_idx]
         ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
-        u, v = take_rows(self._frozen[0], idx), take_rows(self._frozen[1], idx)
+        u, v = self._frozen[0][dev_idx], self._frozen[1][dev_idx]
         current = {}
         for m, known, x_known in ((a, out.u, batch.xa), (b, out.v, batch.xb)):
             ra = torch.as_tensor(np.flatnonzero(ma == m), device=xa.device)
             rb = torch.as_tensor(np.flatnonzero(mb == m), device=xa.device)
             layer = self.learners[m]
-            x_new = torch.cat([take_rows(xa, ra), take_rows(xb, rb)])
-            y = _JointLinear.apply(layer.weight, layer.bias, known.detach(), x_known, x_new)
+            y = _JointLinear.apply(layer.weight, layer.bias, known.detach(), x_known, torch.cat([xa[ra], xb[rb]]))
             n = len(x_known)
             current[m] = y[:n]
             if len(ra):
