@@ -69,7 +69,7 @@ def test_tiny_protocol_numbers_are_consistent(tiny):
     g = p["goal"]
     assert g["dns_train_seconds"] == p["strategies"]["dns"]["train_seconds"]
     assert g["paper_dns_train_seconds"] == pytest.approx(36.5 * 11) and g["train_seconds_target"] == 15.0
-    assert g["met"] == (g["dns_train_seconds"] < 15.0)
+    assert g["met"] is None            # the goal is judged only for the full protocol on a GPU
 
 
 def test_tiny_encoders_cover_every_modality(tiny):
