@@ -30,7 +30,10 @@ Speed: with ``Q = I`` (the default), the projected gradient is ``G − G P = δ�
 trainer does not clip gradients DNS hands autograd the projected inputs for the weight gradient
 (its ``weight_grad_inputs`` hook) and the projection costs O(B·d·k) per batch instead of a d×d
 correction. It is the same update; ``fused=False`` turns it off. With clipping (reference harness)
-the hook route runs, which projects the clipped raw gradient as the authors do.
+the hook route runs, which projects the clipped raw gradient as the authors do. The output
+covariances are accumulated only when something reads them (``lambda_left > 0`` or
+``energy_out``), and a step reuses the Gram matrix of rows an earlier step of the same dataset
+already summed (tvl and vggsound_s train each modality twice).
 """
 
 from __future__ import annotations
