@@ -20,13 +20,9 @@ RUN = dict(batch_size=4, commit_every=8, progress=False)
 
 def killed_run(point: str, root: str, out: str, workers: int = 0) -> None:
     """Child process: extraction that dies (``os._exit``, no cleanup) at ``point``."""
-    kind, _, nth = point.partition(":")
-    nth = int(nth or 1)
-    calls = {"n": 0}
+    from tests.helpers import kill_point
 
-    def hit() -> bool:
-        calls["n"] += 1
-        return calls["n"] == nth
+    kind, hit = kill_point(point)
 
     if kind == "encode":  # mid-batch: the second modality of a batch is never embedded
         orig = FileHashEncoder.encode_batch

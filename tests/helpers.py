@@ -31,6 +31,18 @@ def random_pairs(n: int, d: int, seed: int, pair: tuple[str, str], step: int = 0
 REPO = Path(__file__).resolve().parents[1]
 
 
+def kill_point(point: str) -> tuple[str, Any]:
+    """``"kind:N"`` of the kill children: the kind, and ``hit()``, true on its N-th call (N = 1 when absent)."""
+    kind, _, nth = point.partition(":")
+    nth = int(nth or 1)
+    calls = {"n": 0}
+
+    def hit() -> bool:
+        calls["n"] += 1
+        return calls["n"] == nth
+    return kind, hit
+
+
 @contextlib.contextmanager
 def process_group(args: list[str], *, env: dict | None = None, cwd: str | Path | None = None,
                   **popen: Any) -> Iterator[subprocess.Popen]:

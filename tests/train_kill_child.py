@@ -22,13 +22,9 @@ def install(point: str) -> None:
     from cmcl.data import runs as checkpoint
     from cmcl.train import trainer
 
-    kind, _, nth = point.partition(":")
-    nth = int(nth or 1)
-    calls = {"n": 0}
+    from tests.helpers import kill_point
 
-    def hit() -> bool:
-        calls["n"] += 1
-        return calls["n"] == nth
+    kind, hit = kill_point(point)
 
     def after(fn):
         def wrapped(*args, **kwargs):
