@@ -121,8 +121,9 @@ class PairedFeatures:
 
 def _rows(x: torch.Tensor, np_rows, t_rows) -> torch.Tensor:
     """``x[rows]``. On the CPU through numpy: the same values, but torch's multi-threaded gather of a
-    batch's scattered rows waits on its second thread (measured 5-16 ms against numpy's 0.2-0.3 ms
-    for 64 of 47,584 rows of d = 1,024 on a busy 2-core machine; about the same when idle)."""
+    batch's scattered rows waits on its second thread whenever the other core is busy
+    (``benchmarks/bench_gather.py``: 0.27 ms against 0.09 ms beside one busy process, 5-16 ms
+    against 0.2-0.3 ms at load 5-6; about the same when idle)."""
     if (x.device.type == "cpu" and not isinstance(np_rows, slice) and x.dtype == torch.float32
             and not x.requires_grad):
         return torch.from_numpy(x.numpy()[np_rows])
