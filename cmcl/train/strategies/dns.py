@@ -237,7 +237,7 @@ class DNS(Strategy):
     def _gram(x: torch.Tensor) -> torch.Tensor:
         """XᵀX in float64, accumulated over float32 blocks. On the CPU the blocks go through numpy,
         whose BLAS call for ``Bᵀ B`` is a symmetric rank-k update, half a matrix product's work
-        (measured 0.064 s against torch's 0.122 s for an 8,192 × 1,024 block, docs/performance.md)."""
+        (measured about 0.07 s against torch's 0.12-0.19 s for an 8,192 × 1,024 block, docs/performance.md)."""
         gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
         xn = x.detach().numpy() if on_cpu else None
