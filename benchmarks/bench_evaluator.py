@@ -85,7 +85,7 @@ def old_paired_recall(ua, vb, ks=(1, 5, 10), *, protocol="paper", pool_size=1000
 
 
 def old_zero_shot(xq, prototypes, labels, *, use_gpu=False):
-    g, e = old_partner_ranks(expand(xq), prototypes, labels, 1)
+    g, e = old_partner_ranks(expand(xq), expand(prototypes), labels, 1)
     return retrieval.recall_from_ranks(g, e, (1,))[1]
 
 

@@ -120,8 +120,8 @@ def test_four_backward_passes_per_update_and_parameters_restored(monkeypatch):
     monkeypatch.setattr(co2l, "relation_targets", lambda *a: (target_calls.append(1), real_targets(*a))[1])
     real_forward = ModalityLearners.forward_pairs
     monkeypatch.setattr(ModalityLearners, "forward_pairs",
-                        lambda self, batch: (teacher_calls.append(1) if self is strategy.teacher else None,
-                                             real_forward(self, batch))[1])
+                        lambda self, batch, *extra: (teacher_calls.append(1) if self is strategy.teacher else None,
+                                                     real_forward(self, batch, *extra))[1])
     before = [p.detach().clone() for p in learners.parameters()]
     backward.clear()
     res = fit_step(learners, strategy, StepInfo(2, "B", ("text", "audio"), 2), pairs(40, 2, ("text", "audio"), 2),

@@ -107,7 +107,7 @@ def test_joint_backward_gives_the_plain_gradient(name):
     batch = pairs(16, 7, ("audio", "video"), 2)
     states = {k: g.get_state() for k, g in strategy._gens.items()}
     learners.zero_grad(set_to_none=True)
-    losses = strategy.losses(batch, learners.forward_pairs(batch))
+    losses = strategy.losses(batch, learners.forward_pairs(batch, strategy.extra_inputs(batch)))   # as the trainer
     sum(losses.values()).backward()
     joint = {n: p.grad.clone() for n, p in learners.named_parameters() if p.grad is not None}
     # the same terms written plainly: base loss on the trainer's outputs, replay scored separately

@@ -108,6 +108,28 @@ def test_paired_recall_from_one_product_equals_the_blocked_directions(monkeypatc
     assert 0 < one["a2b"][1] < one["a2b"][10] < 1
 
 
+def test_pools_scored_from_one_product_of_their_union_equal_a_product_per_pool(monkeypatch):
+    """Five pools of 100 pairs from 130 overlap; their union's product serves them all, and every
+    count equals a product per pool and a float64 brute force, ties (repeated texts) included."""
+    rng = np.random.default_rng(12)
+    base = rng.integers(-2, 3, size=(25, 6)).astype(np.float32)
+    vb = base[rng.integers(0, 25, size=130)]
+    ua = rng.integers(-2, 3, size=(130, 6)).astype(np.float32)
+    calls = []
+    real = retrieval.inner_products
+    monkeypatch.setattr(retrieval, "inner_products", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    shared = paired_recall(ua, vb, protocol="paper", pool_size=100, pool_count=5, seed=3)
+    assert len(calls) == 1                                             # the union, once
+    monkeypatch.setattr(retrieval, "_shared_scores", lambda *a: None)
+    assert paired_recall(ua, vb, protocol="paper", pool_size=100, pool_count=5, seed=3) == shared
+    assert len(calls) == 1 + 5
+    for direction, (xq, xb) in (("a2b", (ua, vb)), ("b2a", (vb, ua))):
+        want = np.mean([recall_from_ranks(*brute_ranks(xq[r], xb[r], np.arange(100), 10)[:2], (1, 5, 10))[1]
+                        for r in retrieval.pools(130, size=100, count=5, seed=3)])
+        assert shared[direction][1] == pytest.approx(want, abs=1e-12)
+    assert 0 < shared["b2a"][1] < 1
+
+
 @pytest.mark.parametrize("dataset", ["esc50", "vggsound_s"])
 def test_one_caption_per_class_synthetic_split(dataset):
     cfg = SyntheticConfig(dim=64, scale=0.5)
@@ -126,3 +148,15 @@ def test_one_caption_per_class_synthetic_split(dataset):
     assert clear.mean() > 0.95
     np.testing.assert_array_equal(g1[clear], g0[clear])
     assert zero_shot_accuracy(audio, protos, labels) == recall_from_ranks(g1, e1, (1,))[1]
+
+
+def test_distinct_rows_come_in_order_of_first_occurrence():
+    x = np.array([[3, 1], [0, 2], [3, 1], [5, 5], [0, 2]], dtype=np.float32)
+    first, inverse, counts = retrieval.distinct_index(x)
+    np.testing.assert_array_equal(first, [0, 1, 3])
+    np.testing.assert_array_equal(inverse, [0, 1, 0, 2, 1])
+    np.testing.assert_array_equal(counts, [2, 2, 1])
+    np.testing.assert_array_equal(x[first][inverse], x)
+    first, inverse, _ = retrieval.distinct_index(x[[4, 3, 0]])       # no repeats: the identity
+    assert retrieval.is_identity(first) and retrieval.is_identity(inverse)
+    assert not retrieval.is_identity(np.array([0, 2, 1])) and not retrieval.is_identity(np.array([1, 2]))

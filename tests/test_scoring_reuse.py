@@ -101,3 +101,41 @@ def test_training_reuses_rows_and_they_equal_a_rescore_from_checkpoints(tiny_cac
     stored = run_files.read_eval(run)
     again = rescore_run(run, EvalSettings(cfg.recall_protocol, cfg.pool_size, cfg.pool_count, cfg.eval_seed))
     pd.testing.assert_frame_equal(stored.reset_index(drop=True), again[stored.columns].reset_index(drop=True))
+
+
+ONE_DATASET = """
+[[step]]
+dataset = "vggsound_s"
+modalities = ["text", "audio"]
+
+[[step]]
+dataset = "vggsound_s"
+modalities = ["audio", "video"]
+"""
+
+
+def test_splits_of_one_dataset_share_the_outputs_of_a_modality(tiny_cache, tmp_path):
+    proto = tmp_path / "p.toml"
+    proto.write_text(ONE_DATASET)
+    tests = StepData(tiny_cache, "synthetic", load_protocol(str(proto))).test_sets()
+    torch.manual_seed(0)
+    learners = ModalityLearners(["text", "audio", "video"], tests[0].xa.shape[1])
+    calls = []
+
+    def counting(modality, x):
+        calls.append(modality)
+        return embedder(learners)(modality, x)
+
+    scorer = Scorer(tests, EvalSettings())
+    rows = scorer(counting, 0)
+    # the audio test rows are embedded once for both splits
+    assert sorted(calls) == ["audio", "text", "video"]
+    assert pd.DataFrame(rows).equals(pd.DataFrame(score(embedder(learners), tests, 0)))
+    calls.clear()
+    with torch.no_grad():
+        learners["audio"].weight.add_(0.3 * torch.randn_like(learners["audio"].weight))
+    rows = scorer(counting, 1, changed={"audio"})
+    assert calls == ["audio"] and scorer.computed == 2 + 2
+    # the same numbers as scoring each split on its own, from scratch
+    alone = [r for ts in tests for r in score(embedder(learners), [ts], 1)]
+    assert pd.DataFrame(rows).equals(pd.DataFrame(alone))

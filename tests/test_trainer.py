@@ -147,6 +147,38 @@ def test_identity_init_and_mixed_batches_use_each_rows_learners():
     torch.testing.assert_close(out.v[6:], learners("text", b.xb))
 
 
+def test_extra_rows_share_the_batchs_product_and_get_their_outputs_and_gradients():
+    learners = ModalityLearners(["text", "audio", "video"], 6)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in learners.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    mixed = PairedFeatures.concat([toy_data(n=6, d=6, pair=("text", "audio")),
+                                   toy_data(n=4, d=6, seed=3, pair=("video", "text"))])
+    extra = {"text": torch.randn(3, 6, generator=gen), "video": torch.randn(2, 6, generator=gen),
+             "audio": torch.randn(4, 6, generator=gen)}
+    calls = []
+    real = learners._linear
+    learners._linear = lambda m, x: calls.append((m, len(x))) or real(m, x)
+    out = learners.forward_pairs(mixed, extra)
+    # text's extra rows ride with its first product (side a's six rows), not a product of their own
+    assert sorted(calls) == [("audio", 6 + 4), ("text", 4), ("text", 6 + 3), ("video", 4 + 2)]
+    assert set(extra) == {"text", "video", "audio"} and set(out.extra) == set(extra)
+    loss = sum((out.u * out.v).sum() + y.pow(2).sum() for y in out.extra.values())
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in learners.named_parameters()}
+    learners.zero_grad(set_to_none=True)
+    plain = learners.forward_pairs(mixed)
+    assert plain.extra == {}
+    separate = {m: learners(m, x) for m, x in extra.items()}
+    for m in extra:
+        torch.testing.assert_close(out.extra[m], separate[m])
+    torch.testing.assert_close(out.u, plain.u)
+    (sum((plain.u * plain.v).sum() + y.pow(2).sum() for y in separate.values())).backward()
+    for n, p in learners.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad)
+
+
 def config(cache, protocol, strategy="dns", seed=0, **kw):
     return TrainConfig(features=str(cache), backbone="synthetic", strategy=strategy,
                        params=resolve_params(strategy, {}, "synthetic"), label=strategy, seed=seed,

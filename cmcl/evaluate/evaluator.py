@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmcl.data.paired import TestSet
-from cmcl.evaluate.retrieval import distinct_index, paired_recall, zero_shot_accuracy
+from cmcl.evaluate.retrieval import Distinct, distinct_index, is_identity, paired_recall, zero_shot_accuracy
 from cmcl.types import RECALL_PROTOCOLS
 
 KS = (1, 5, 10)
@@ -55,36 +55,42 @@ def scored_modalities(ts: TestSet) -> frozenset[str]:
     return frozenset({a, b} | ({"text"} if ts.step.has_acc and ts.class_emb is not None else set()))
 
 
-#: per side of a test split, ``(first, inverse)`` of its distinct input rows (fixed for a run)
-Index = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+class _Outputs:
+    """Each input array's distinct rows, and their outputs under each modality's current map.
 
-
-def input_index(ts: TestSet) -> Index:
-    """The distinct input rows of both sides of a test split."""
-    return distinct_index(ts.xa)[:2], distinct_index(ts.xb)[:2]
-
-
-def _score_one(embed: Embed, ts: TestSet, settings: EvalSettings, index: Index | None = None,
-               outputs: dict[str, np.ndarray] | None = None) -> list[dict]:
-    """Rows of one test split, without ``trained_through``.
-
-    Each distinct input row is embedded once (repeated captions get bytewise identical outputs),
-    and the metrics work on the distinct outputs and the inverse map, without expanding them.
-    ``outputs`` holds the split's outputs by modality: those present are used as they are, the
-    others are computed and added.
+    The test splits of one dataset share its arrays (every step of a dataset gets the same array
+    of a modality), so an array's distinct rows are found once per run and its outputs are computed
+    once per map, however many splits score them. Entries are keyed by the array's identity (and
+    hold it, so the key stays unique); :meth:`forget` drops the outputs of maps that changed.
     """
+
+    def __init__(self) -> None:
+        self._index: dict[int, tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]] = {}
+        self._outputs: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, embed: Embed, modality: str, x: np.ndarray) -> Distinct:
+        """The outputs of ``x`` under ``modality``'s map, as its distinct rows' outputs and the inverse
+        map (each distinct row is embedded once: repeated captions get bytewise identical outputs)."""
+        if self._index.get(id(x), (None,))[0] is not x:
+            self._index[id(x)] = x, distinct_index(x)[:2]
+        first, inverse = self._index[id(x)][1]
+        if self._outputs.get((id(x), modality), (None,))[0] is not x:
+            self._outputs[id(x), modality] = x, embed(modality, x[first])
+        return self._outputs[id(x), modality][1], inverse
+
+    def forget(self, modalities: Collection[str] | None) -> None:
+        """Drop the outputs of ``modalities`` (all outputs when ``None``); distinct rows are kept."""
+        self._outputs = {k: v for k, v in self._outputs.items()
+                         if modalities is not None and k[1] not in modalities}
+
+
+def _score_one(embed: Embed, ts: TestSet, settings: EvalSettings, outputs: _Outputs) -> list[dict]:
+    """Rows of one test split, without ``trained_through``; the metrics work on the distinct outputs
+    and the inverse maps, without expanding them."""
     step = ts.step
     a, b = step.modalities
     base = {"eval_step": step.index, "dataset": step.dataset, "pair": step.pair}
-    (fa, ia), (fb, ib) = index or input_index(ts)
-    outputs = {} if outputs is None else outputs
-
-    def output(key: str, modality: str, x: np.ndarray) -> np.ndarray:
-        if key not in outputs:
-            outputs[key] = embed(modality, x)
-        return outputs[key]
-
-    ua, vb = (output(f"a:{a}", a, ts.xa[fa]), ia), (output(f"b:{b}", b, ts.xb[fb]), ib)
+    ua, vb = outputs(embed, a, ts.xa), outputs(embed, b, ts.xb)
     rows = []
     if step.has_recall:
         rec = paired_recall(ua, vb, KS, protocol=settings.recall_protocol, pool_size=settings.pool_size,
@@ -94,20 +100,24 @@ def _score_one(embed: Embed, ts: TestSet, settings: EvalSettings, index: Index |
                  for direction, values in rec.items() for k, v in values.items()]
     if step.has_acc and ts.class_emb is not None:
         query = ua if b == "text" else vb  # the non-text side
-        acc = zero_shot_accuracy(query, output("classes:text", "text", ts.class_emb), ts.labels,
+        acc = zero_shot_accuracy(query, outputs(embed, "text", ts.class_emb), ts.labels,
                                  use_gpu=settings.use_gpu)
         rows.append(base | {"direction": "zero-shot", "metric": "acc", "value": 100.0 * acc})
     # The paper's alignment score A (Definition 1): the inner product of each test pair's outputs,
     # averaged over the split (raw, not a percentage); Fig. 3a compares it across steps.
-    align = float(np.einsum("ij,ij->i", ua[0][ia], vb[0][ib], dtype=np.float64).mean())
+    pa, pb = (u if is_identity(i) else u[i] for u, i in (ua, vb))
+    align = float(np.einsum("ij,ij->i", pa, pb, dtype=np.float64).mean())
     rows.append(base | {"direction": "mean", "metric": "align", "value": align})
     return rows
 
 
 def score(embed: Embed, test_sets: Sequence[TestSet], trained_through: int,
           settings: EvalSettings = EvalSettings()) -> list[dict]:
-    """Score every test split once (no reuse); returns the long-format rows for ``trained_through``."""
-    return [{"trained_through": trained_through} | r for ts in test_sets for r in _score_one(embed, ts, settings)]
+    """Score every test split once (nothing kept for later calls); returns the long-format rows for
+    ``trained_through``."""
+    outputs = _Outputs()
+    return [{"trained_through": trained_through} | r for ts in test_sets
+            for r in _score_one(embed, ts, settings, outputs)]
 
 
 class Scorer:
@@ -123,25 +133,21 @@ class Scorer:
         self.test_sets = list(test_sets)
         self.settings = settings
         self._last: list[list[dict]] | None = None
-        self._index: dict[int, Index] = {}
-        # per split, its outputs by "<side>:<modality>", kept while that modality's map is unchanged
-        self._outputs: dict[int, dict[str, np.ndarray]] = {}
+        self._outputs = _Outputs()   # kept while each modality's map is unchanged
         self.reused = 0
         self.computed = 0
 
     def __call__(self, embed: Embed, trained_through: int, changed: Collection[str] | None = None) -> list[dict]:
+        if self._last is None:
+            changed = None
+        self._outputs.forget(changed)
         rows: list[list[dict]] = []
         for i, ts in enumerate(self.test_sets):
-            if self._last is not None and changed is not None and not (scored_modalities(ts) & set(changed)):
+            if changed is not None and not (scored_modalities(ts) & set(changed)):
                 rows.append(self._last[i])
                 self.reused += 1
             else:
-                if i not in self._index:
-                    self._index[i] = input_index(ts)
-                kept = self._outputs.get(i, {}) if self._last is not None and changed is not None else {}
-                kept = {k: v for k, v in kept.items() if k.split(":", 1)[1] not in set(changed or ())}
-                rows.append(_score_one(embed, ts, self.settings, self._index[i], kept))
-                self._outputs[i] = kept
+                rows.append(_score_one(embed, ts, self.settings, self._outputs))
                 self.computed += 1
         self._last = rows
         return [{"trained_through": trained_through} | r for split_rows in rows for r in split_rows]

@@ -45,11 +45,20 @@ def inner_products(xq: np.ndarray, xb: np.ndarray, *, use_gpu: bool = False) -> 
 
 def distinct_index(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(first, inverse, counts)`` of the distinct rows of ``x`` (bytewise as float32): the distinct
-    rows are ``x[first]``, ``x[i]`` is row ``inverse[i]`` of them, which occurs ``counts`` times."""
+    rows are ``x[first]`` in order of first occurrence, ``x[i]`` is row ``inverse[i]`` of them, which
+    occurs ``counts`` times. When every row is distinct, ``first`` and ``inverse`` are ``arange``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     keys = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
     _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
-    return first, inverse.ravel(), counts
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.ravel()], counts[order]
+
+
+def is_identity(index: np.ndarray) -> bool:
+    """Whether ``index`` is ``arange(len(index))`` (a selection that selects everything, in order)."""
+    return len(index) == 0 or (index[0] == 0 and index[-1] == len(index) - 1 and bool(np.all(np.diff(index) == 1)))
 
 
 def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,20 +77,50 @@ def _distinct(x: np.ndarray | Distinct) -> Distinct:
     return x if isinstance(x, tuple) else unique_rows(x)[:2]
 
 
-def _subset(x: Distinct, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`unique_rows` of ``x[rows]`` (an integer ``np.unique``, no row comparison)."""
+def _pool(x: Distinct, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(used, inverse, counts)`` of ``x[rows]``: the distinct rows it uses (indices into ``x[0]``,
+    ascending), which of them each of its rows is, and how often each occurs (an integer
+    ``np.unique``, no row comparison)."""
     used, inverse, counts = np.unique(x[1][rows], return_inverse=True, return_counts=True)
-    return np.ascontiguousarray(x[0][used], dtype=np.float32), inverse.ravel(), counts
+    return used, inverse.ravel(), counts
+
+
+def _rows(x: Distinct, used: np.ndarray) -> np.ndarray:
+    """``x[0][used]`` as contiguous float32 (``x[0]`` itself when ``used`` selects all of it)."""
+    whole = len(used) == len(x[0]) and is_identity(used)
+    return np.ascontiguousarray(x[0] if whole else x[0][used], dtype=np.float32)
+
+
+def _subset(x: Distinct, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`unique_rows` of ``x[rows]``, from the known distinct rows of ``x``."""
+    used, inverse, counts = _pool(x, rows)
+    return _rows(x, used), inverse, counts
+
+
+def _tally(flags: np.ndarray, counts: np.ndarray, axis: int) -> np.ndarray:
+    """How many candidates ``flags`` marks along ``axis``, each distinct candidate ``counts`` times."""
+    if counts.max() == 1:
+        return np.count_nonzero(flags, axis=axis)
+    return flags @ counts if axis == 1 else counts @ flags
 
 
 def _count(scores: np.ndarray, partner: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(g, e)`` of each row of ``scores`` (distinct candidates, weighted by ``counts``) against
     the column ``partner[i]`` of its row."""
     s = scores[np.arange(len(scores)), partner][:, None]
-    above, tied = scores > s, scores == s
-    if counts.max() == 1:
-        return np.count_nonzero(above, axis=1), np.count_nonzero(tied, axis=1)
-    return above @ counts, tied @ counts
+    return _tally(scores > s, counts, 1), _tally(scores == s, counts, 1)
+
+
+def _count_both(scores: np.ndarray, ia: np.ndarray, ib: np.ndarray, ca: np.ndarray, cb: np.ndarray):
+    """``((g, e) a→b, (g, e) b→a)`` of pairs ``i`` = (row ``ia[i]``, column ``ib[i]``) of one product
+    of distinct rows: a→b compares each pair's score with its row, b→a with its column. Rows and
+    columns are read in place when every pair's is distinct (no gather, no transposed copy)."""
+    s = scores[ia, ib]
+    rows = scores if is_identity(ia) and len(ia) == len(scores) else scores[ia]
+    cols = scores if is_identity(ib) and len(ib) == scores.shape[1] else scores[:, ib]
+    a2b = _tally(rows > s[:, None], cb, 1), _tally(rows == s[:, None], cb, 1)
+    b2a = _tally(cols > s, ca, 0), _tally(cols == s, ca, 0)
+    return a2b, b2a
 
 
 def _ranks(uq: np.ndarray, query_row: np.ndarray, ub: np.ndarray, partner: np.ndarray, counts: np.ndarray,
@@ -140,6 +179,20 @@ def pools(n: int, *, size: int = 1000, count: int = 5, seed: int = 0) -> list[np
     return [np.sort(rng.choice(n, size=size, replace=False)) for _ in range(count)]
 
 
+def _shared_scores(ua: Distinct, vb: Distinct, parts: list, use_gpu: bool):
+    """``((union_a, union_b), scores)``: one product over the distinct rows every pool uses, when
+    that costs less than a product per pool (pools drawn from a split not much larger than a pool
+    overlap heavily); each pool's scores are then a block of it. ``None`` otherwise."""
+    if len(parts) < 2:
+        return None
+    union_a = np.unique(np.concatenate([pa[0] for pa, _ in parts]))
+    union_b = np.unique(np.concatenate([pb[0] for _, pb in parts]))
+    size = len(union_a) * len(union_b)
+    if size >= sum(len(pa[0]) * len(pb[0]) for pa, pb in parts) or 4 * size > _BLOCK_BYTES:
+        return None
+    return (union_a, union_b), inner_products(_rows(ua, union_a), _rows(vb, union_b), use_gpu=use_gpu)
+
+
 def paired_recall(ua: np.ndarray | Distinct, vb: np.ndarray | Distinct, ks: tuple[int, ...] = (1, 5, 10), *,
                   protocol: str = "paper", pool_size: int = 1000, pool_count: int = 5, seed: int = 0,
                   use_gpu: bool = False) -> dict[str, dict[int, float]]:
@@ -159,14 +212,20 @@ def paired_recall(ua: np.ndarray | Distinct, vb: np.ndarray | Distinct, ks: tupl
         chosen = pools(n, size=pool_size, count=pool_count, seed=seed)
     else:
         raise ValueError(f"unknown recall protocol {protocol!r}; expected 'paper' or 'full'")
+    parts = [(_pool(ua, rows), _pool(vb, rows)) for rows in chosen]
+    shared = _shared_scores(ua, vb, parts, use_gpu)
     acc = {"a2b": {k: 0.0 for k in ks}, "b2a": {k: 0.0 for k in ks}}
-    for rows in chosen:
-        (ua_u, ia, ca), (vb_u, ib, cb) = _subset(ua, rows), _subset(vb, rows)
-        if 4 * len(ua_u) * len(vb_u) <= _BLOCK_BYTES:   # one product serves both directions
-            scores = inner_products(ua_u, vb_u, use_gpu=use_gpu)
-            a2b = _count(scores[ia], ib, cb)
-            b2a = _count(np.ascontiguousarray(scores.T)[ib], ia, ca)
+    for (used_a, ia, ca), (used_b, ib, cb) in parts:
+        if shared is not None:
+            (union_a, union_b), scores = shared
+            scores = np.take(np.take(scores, np.searchsorted(union_a, used_a), axis=0),
+                             np.searchsorted(union_b, used_b), axis=1)
+            a2b, b2a = _count_both(scores, ia, ib, ca, cb)
+        elif 4 * len(used_a) * len(used_b) <= _BLOCK_BYTES:   # one product serves both directions
+            scores = inner_products(_rows(ua, used_a), _rows(vb, used_b), use_gpu=use_gpu)
+            a2b, b2a = _count_both(scores, ia, ib, ca, cb)
         else:
+            ua_u, vb_u = _rows(ua, used_a), _rows(vb, used_b)
             a2b = _ranks(ua_u, ia, vb_u, ib, cb, max(ks), use_gpu)
             b2a = _ranks(vb_u, ib, ua_u, ia, ca, max(ks), use_gpu)
         for direction, (g, e) in (("a2b", a2b), ("b2a", b2a)):
@@ -176,7 +235,7 @@ def paired_recall(ua: np.ndarray | Distinct, vb: np.ndarray | Distinct, ks: tupl
     return acc
 
 
-def zero_shot_accuracy(xq: np.ndarray | Distinct, prototypes: np.ndarray, labels: np.ndarray, *,
+def zero_shot_accuracy(xq: np.ndarray | Distinct, prototypes: np.ndarray | Distinct, labels: np.ndarray, *,
                        use_gpu: bool = False) -> float:
     """Top-1 accuracy of ``argmax_c <xq_i, prototypes_c>`` against ``labels`` (ties shared evenly)."""
     g, e = partner_ranks(xq, prototypes, labels, 1, use_gpu=use_gpu)

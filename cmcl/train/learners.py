@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ class PairOutput:
     grad_scale: float = 1.0
     epoch: int = 0
     update: int = 0
+    #: outputs of the rows a strategy asked to forward with the batch (``Strategy.extra_inputs``)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _GradInputLinear(torch.autograd.Function):
@@ -93,17 +95,36 @@ class ModalityLearners(nn.Module):
             return layer(x)
         return _GradInputLinear.apply(x, transform(x), layer.weight, layer.bias)
 
-    def _apply_rows(self, names: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    def _apply_rows(self, names: np.ndarray, x: torch.Tensor, extra: dict[str, torch.Tensor],
+                    outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        def linear(m: str, rows_x: torch.Tensor) -> torch.Tensor:
+            more = extra.pop(m, None)
+            if more is None:
+                return self._linear(m, rows_x)
+            y = self._linear(m, torch.cat([rows_x, more]))
+            outputs[m] = y[len(rows_x):]
+            return y[:len(rows_x)]
+
         first = names[0]
         if (names == first).all():
-            return self._linear(str(first), x)
+            return linear(str(first), x)
         out = torch.empty_like(x)
         # One matmul per distinct modality, scattered back into row order.
         for m in np.unique(names):
             rows = torch.as_tensor(np.flatnonzero(names == m), device=x.device)
-            out = out.index_put((rows,), self._linear(str(m), x[rows]))
+            out = out.index_put((rows,), linear(str(m), x[rows]))
         return out
 
-    def forward_pairs(self, batch: PairedFeatures) -> PairOutput:
-        """Outputs of a batch whose rows may mix modality pairs."""
-        return PairOutput(self._apply_rows(batch.ma, batch.xa), self._apply_rows(batch.mb, batch.xb))
+    def forward_pairs(self, batch: PairedFeatures, extra: Mapping[str, torch.Tensor] | None = None) -> PairOutput:
+        """Outputs of a batch whose rows may mix modality pairs.
+
+        ``extra`` maps modalities to more input rows for their learners: they go through the same
+        product as the batch's rows of that modality (so the backward pass forms one weight
+        gradient for both), and their outputs are returned in ``out.extra``.
+        """
+        pending, outputs = dict(extra or {}), {}
+        u = self._apply_rows(batch.ma, batch.xa, pending, outputs)
+        v = self._apply_rows(batch.mb, batch.xb, pending, outputs)
+        for m, x in pending.items():   # modalities the batch does not use
+            outputs[m] = self._linear(m, x)
+        return PairOutput(u, v, extra=outputs)

@@ -126,7 +126,7 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
             def closure():
                 for p in trained:
                     p.grad = None
-                out = learners.forward_pairs(batch)
+                out = learners.forward_pairs(batch, strategy.extra_inputs(batch))
                 out.epoch, out.update = epoch, update
                 if strategy.output_grads:  # d loss / d u and d v, on out.u.grad and out.v.grad
                     for t in (out.u, out.v):

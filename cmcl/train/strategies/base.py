@@ -15,9 +15,11 @@ The trainer (:mod:`cmcl.train.trainer`) runs, for every protocol step::
     strategy.after_step(step, data)             # covariances, Fisher, buffer fill
     the run scores every step's test split
 
-The closure clears the optimizer's gradients, runs ``learners.forward_pairs(batch)`` (``out.epoch``
-and ``out.update`` say where in the step the batch falls; with ``output_grads`` the trainer keeps
-``out.u.grad`` and ``out.v.grad``, the loss's gradients with respect to the outputs), calls
+The closure clears the optimizer's gradients, runs ``learners.forward_pairs(batch,
+strategy.extra_inputs(batch))`` (``out.extra`` holds the outputs of rows a strategy forwards with
+the batch; ``out.epoch`` and ``out.update`` say where in the step the batch falls; with
+``output_grads`` the trainer keeps ``out.u.grad`` and ``out.v.grad``, the loss's gradients with
+respect to the outputs), calls
 ``strategy.losses(batch, out)`` and back-propagates the sum of the returned ``*_loss`` terms.
 
 Rules every strategy follows (checked by ``tests/test_strategy_contract.py``): hooks never step the
@@ -149,6 +151,12 @@ class Strategy:
         """Extra parameter groups the trainer's optimizer trains during ``step``: dicts with
         ``params`` and optionally ``lr`` and ``weight_decay``; not clipped, not scheduled."""
         return []
+
+    def extra_inputs(self, batch: PairedFeatures) -> Mapping[str, torch.Tensor]:
+        """Per modality, more input rows the trainer forwards with ``batch`` through that learner, in
+        the same product (one weight-gradient product in the backward pass); their outputs arrive
+        on ``out.extra`` in :meth:`losses`. Called once per evaluation of the batch: DER's replay."""
+        return {}
 
     def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
         """Loss terms of a batch; every key ends in ``_loss`` and the trainer sums them."""

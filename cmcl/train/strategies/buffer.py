@@ -77,17 +77,17 @@ class ReplayBuffer:
             ids=np.full(m, "", dtype=object))
         self._extras = {k: torch.zeros(m, *shape, device=dev) for k, shape in self.extra_shapes.items()}
 
-    def _put(self, slot: int, batch: PairedFeatures, row: int, extras: Mapping[str, torch.Tensor]) -> None:
+    def _put(self, slots: np.ndarray, batch: PairedFeatures, rows: np.ndarray,
+             extras: Mapping[str, torch.Tensor]) -> None:
+        """Write ``batch``'s rows ``rows`` into slots ``slots`` (distinct), all fields at once."""
         st = self._store
-        st.xa[slot] = batch.xa[row]
-        st.xb[slot] = batch.xb[row]
-        st.ma[slot] = batch.ma[row]
-        st.mb[slot] = batch.mb[row]
-        st.step[slot] = batch.step[row]
-        st.labels[slot] = batch.labels[row]
-        st.ids[slot] = batch.ids[row]
+        at, take = torch.as_tensor(slots, device=st.xa.device), torch.as_tensor(rows, device=batch.xa.device)
+        for name in ("xa", "xb", "step", "labels"):
+            getattr(st, name)[at] = getattr(batch, name)[take].to(st.xa.device)
+        for name in ("ma", "mb", "ids"):
+            getattr(st, name)[slots] = getattr(batch, name)[rows]
         for k, v in extras.items():
-            self._extras[k][slot] = v[row]
+            self._extras[k][at] = v[take].to(st.xa.device)
 
     def add_reservoir(self, batch: PairedFeatures, generator: torch.Generator,
                       extras: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -101,15 +101,20 @@ class ReplayBuffer:
                                  f"{(len(batch), *self.extra_shapes[k])}")
         if self._store is None:
             self._allocate(batch)
+        slots = np.full(len(batch), -1)          # where each offer goes (-1: not kept)
         for row in range(len(batch)):
             if self.size < self.capacity:
-                self._put(self.size, batch, row, extras)
+                slots[row] = self.size
                 self.size += 1
             else:
                 r = int(torch.randint(0, self.offers + 1, (1,), generator=generator))
                 if r < self.capacity:
-                    self._put(r, batch, row, extras)
+                    slots[row] = r
             self.offers += 1
+        # A slot offered twice in one batch keeps the later row, as offering them one by one would.
+        last = len(batch) - 1 - np.unique(slots[::-1], return_index=True)[1]
+        last = last[slots[last] >= 0]
+        self._put(slots[last], batch, last, extras)
 
     def fill_balanced(self, data: PairedFeatures, step_index: int, generator: torch.Generator) -> None:
         """Step-balanced refill after step ``step_index``: each step seen keeps ``capacity // t`` pairs."""

@@ -16,8 +16,10 @@ row scored with its own modalities' learners (a replay batch mixes modality pair
 Parameter scope (baselines.md §1): only the learners of the step's pair are trained. A replayed
 side whose modality is outside that pair is a constant for the whole step: its output is computed
 once in ``before_step`` and cached per buffer slot, so every other learner keeps ``grad is None``
-and stays bit-identical, and each update runs one matmul per trainable learner over all drawn
-rows. A stored pair that shares no learner with the current pair adds a constant to the mean.
+and stays bit-identical. The drawn rows of a trainable learner go through the trainer's product
+for the batch (``extra_inputs``), so each update runs one forward and one weight-gradient product
+per trainable learner. A stored pair that shares no learner with the current pair adds a constant
+to the mean.
 
 Each draw has its own generator (all seeded from ``StepInfo.seed``), so DER++ with ``beta = 0``
 performs exactly DER's updates.
@@ -25,7 +27,7 @@ performs exactly DER's updates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -43,24 +45,6 @@ def pair_scores(out: PairOutput, temperature: float) -> torch.Tensor:
     """Row-wise matched-pair scores ``<u_i, v_i> / tau``."""
     s = (out.u * out.v).sum(dim=1)
     return s if temperature == 1.0 else s / temperature
-
-
-class _JointLinear(torch.autograd.Function):
-    """One affine learner over the current rows (outputs already known) and new rows.
-
-    The forward pass computes only the new rows; the backward pass forms the weight gradient of
-    all rows with one matmul, instead of one per forward pass plus a gradient accumulation.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, bias, known_out, x_known, x_new):  # noqa: D102
-        ctx.save_for_backward(torch.cat([x_known, x_new]))
-        return torch.cat([known_out, torch.addmm(bias, x_new, weight.T)])
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        (x,) = ctx.saved_tensors
-        return grad.T @ x, grad.sum(0), None, None, None
 
 
 class DER(Replay):
@@ -81,6 +65,7 @@ class DER(Replay):
         self._gens: dict[str, torch.Generator] = {}
         self._trainable: frozenset[str] = frozenset()
         self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple | None = None   # (batch, drawn slots, size of the first draw, rows)
 
     # ------------------------------------------------------------------ per step
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
@@ -111,83 +96,86 @@ class DER(Replay):
                     idx = torch.as_tensor(np.flatnonzero(names == m), device=x.device)
                     cache[idx] = self.learners[str(m)](x[idx])
 
+    def _replay_inputs(self, idx: torch.Tensor) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                         dict[str, torch.Tensor]]:
+        """For each trainable learner with drawn rows: where they sit among the drawn records (side a,
+        side b) and their inputs, side a's first."""
+        feats = self.buffer.features()
+        dev_idx = idx.to(feats.xa.device)
+        ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
+        rows, inputs = {}, {}
+        for m in sorted(self._trainable):
+            ra = torch.as_tensor(np.flatnonzero(ma == m), device=dev_idx.device)
+            rb = torch.as_tensor(np.flatnonzero(mb == m), device=dev_idx.device)
+            if len(ra) or len(rb):
+                rows[m] = (ra, rb)
+                inputs[m] = torch.cat([feats.xa[dev_idx[ra]], feats.xb[dev_idx[rb]]])
+        return rows, inputs
+
+    def _scores(self, idx: torch.Tensor, rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Scores of the drawn records from the trainable learners' ``outputs`` (as
+        :meth:`_replay_inputs` ordered them) and the cached outputs of the frozen sides."""
+        dev_idx = idx.to(self._frozen[0].device)
+        sides: list[torch.Tensor | None] = [None, None]
+        for m, (ra, rb) in rows.items():
+            y = outputs[m]
+            for side, r, part in ((0, ra, y[:len(ra)]), (1, rb, y[len(ra):])):
+                if len(r) == len(idx):              # every drawn row of this side: no scatter needed
+                    sides[side] = part
+                elif len(r):
+                    base = self._frozen[side][dev_idx] if sides[side] is None else sides[side]
+                    sides[side] = base.index_put((r,), part)
+        u, v = (self._frozen[i][dev_idx] if sides[i] is None else sides[i] for i in (0, 1))
+        return pair_scores(PairOutput(u, v), self.objective.temperature)
+
     def replay_scores(self, idx: torch.Tensor) -> torch.Tensor:
         """Current scores of stored records ``idx``; only the current pair's learners get gradients.
 
         Each trainable learner runs once over all its drawn rows, both sides together.
         """
-        feats = self.buffer.features()
-        dev_idx = idx.to(feats.xa.device)
-        xa, xb = feats.xa[dev_idx], feats.xb[dev_idx]
-        ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
-        u, v = self._frozen[0][dev_idx], self._frozen[1][dev_idx]
-        for m in sorted(self._trainable):
-            ra = torch.as_tensor(np.flatnonzero(ma == m), device=xa.device)
-            rb = torch.as_tensor(np.flatnonzero(mb == m), device=xa.device)
-            if not len(ra) and not len(rb):
-                continue
-            y = self.learners[m](torch.cat([xa[ra], xb[rb]]))
-            if len(ra):
-                u = u.index_put((ra,), y[:len(ra)])
-            if len(rb):
-                v = v.index_put((rb,), y[len(ra):])
-        return pair_scores(PairOutput(u, v), self.objective.temperature)
+        rows, inputs = self._replay_inputs(idx)
+        return self._scores(idx, rows, {m: self.learners[m](x) for m, x in inputs.items()})
 
     def _draw(self, generator: torch.Generator) -> torch.Tensor:
         """``replay_batch`` slots uniformly without replacement (as ``ReplayBuffer.sample``)."""
         return torch.randperm(len(self.buffer), generator=generator)[:self.replay_batch]
 
-    def _joint_scores(self, batch: PairedFeatures, out: PairOutput, idx: torch.Tensor):
-        """Current outputs and replay scores with one weight-gradient matmul per trainable learner.
-
-        The current rows reuse the values of ``out`` (the trainer's forward pass); the returned
-        current outputs carry the gradient path instead of ``out``.
-        """
-        a, b = batch.single_pair
-        feats = self.buffer.features()
-        dev_idx = idx.to(feats.xa.device)
-        xa, xb = feats.xa[dev_idx], feats.xb[dev_idx]
-        ma, mb = feats.ma[idx.numpy()], feats.mb[idx.numpy()]
-        u, v = self._frozen[0][dev_idx], self._frozen[1][dev_idx]
-        current = {}
-        for m, known, x_known in ((a, out.u, batch.xa), (b, out.v, batch.xb)):
-            ra = torch.as_tensor(np.flatnonzero(ma == m), device=xa.device)
-            rb = torch.as_tensor(np.flatnonzero(mb == m), device=xa.device)
-            layer = self.learners[m]
-            y = _JointLinear.apply(layer.weight, layer.bias, known.detach(), x_known, torch.cat([xa[ra], xb[rb]]))
-            n = len(x_known)
-            current[m] = y[:n]
-            if len(ra):
-                u = u.index_put((ra,), y[n:n + len(ra)])
-            if len(rb):
-                v = v.index_put((rb,), y[n + len(ra):])
-        return PairOutput(current[a], current[b]), pair_scores(PairOutput(u, v), self.objective.temperature)
-
-    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
+    def extra_inputs(self, batch: PairedFeatures) -> dict[str, torch.Tensor]:
+        """This update's draws (DER++'s second one appended), whose trainable sides the trainer
+        forwards with the batch."""
+        self._pending = None
         if self.buffer.is_empty:
-            losses = super().losses(batch, out)
-            losses["der_loss"] = out.u.new_zeros(())
-            if self.beta > 0:
-                losses["gt_loss"] = out.u.new_zeros(())
-            return losses
+            return {}
         if self._frozen is None:
             self._cache_frozen(set(batch.ma.tolist()) | set(batch.mb.tolist()))
         idx = self._draw(self._gens["replay"])
         n = len(idx)
         if self.beta > 0:
-            # Second, independent draw; both scored in the same pass.
-            idx = torch.cat([idx, self._draw(self._gens["gt"])])
-        pair = batch.single_pair
-        if pair is not None and pair[0] != pair[1] and set(pair) == self._trainable and out.u.requires_grad:
-            out, scores = self._joint_scores(batch, out, idx)
-        else:
-            scores = self.replay_scores(idx)
+            idx = torch.cat([idx, self._draw(self._gens["gt"])])   # second, independent draw
+        rows, inputs = self._replay_inputs(idx)
+        self._pending = (batch, idx, n, rows)
+        return inputs
+
+    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
         losses = super().losses(batch, out)
-        s_replay = scores[:n]
+        if self.buffer.is_empty:
+            losses["der_loss"] = out.u.new_zeros(())
+            if self.beta > 0:
+                losses["gt_loss"] = out.u.new_zeros(())
+            return losses
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] is not batch or not set(pending[3]) <= set(out.extra):
+            # called outside the trainer's closure: draw, and forward the replayed rows here
+            inputs = self.extra_inputs(batch)
+            pending, self._pending = self._pending, None
+            out = replace(out, extra={m: self.learners[m](x) for m, x in inputs.items()})
+        _, idx, n, rows = pending
+        scores = self._scores(idx, rows, out.extra)
         if self.beta > 0:
             losses["gt_loss"] = self.beta * F.softplus(-scores[n:]).mean()
-        stored = self.buffer.extras["score"][idx[:n].to(s_replay.device)]
-        losses["der_loss"] = self.alpha * (s_replay - stored).pow(2).mean()
+        stored = self.buffer.extras["score"][idx[:n].to(scores.device)]
+        losses["der_loss"] = self.alpha * (scores[:n] - stored).pow(2).mean()
         return losses
 
     def record_extras(self, batch: PairedFeatures, out: PairOutput) -> dict[str, torch.Tensor]:
