@@ -108,13 +108,15 @@ def test_paired_recall_from_one_product_equals_the_blocked_directions(monkeypatc
     assert 0 < one["a2b"][1] < one["a2b"][10] < 1
 
 
-def test_pools_scored_from_one_product_of_their_union_equal_a_product_per_pool(monkeypatch):
+@pytest.mark.parametrize("both_repeat", [False, True])
+def test_pools_scored_from_one_product_of_their_union_equal_a_product_per_pool(both_repeat, monkeypatch):
     """Five pools of 100 pairs from 130 overlap; their union's product serves them all, and every
-    count equals a product per pool and a float64 brute force, ties (repeated texts) included."""
+    count equals a product per pool and a float64 brute force, ties (repeated rows) included."""
     rng = np.random.default_rng(12)
     base = rng.integers(-2, 3, size=(25, 6)).astype(np.float32)
     vb = base[rng.integers(0, 25, size=130)]
-    ua = rng.integers(-2, 3, size=(130, 6)).astype(np.float32)
+    ua = (base[rng.integers(0, 40, size=130) % 25] + 1 if both_repeat
+          else rng.integers(-2, 3, size=(130, 6)).astype(np.float32))
     calls = []
     real = retrieval.inner_products
     monkeypatch.setattr(retrieval, "inner_products", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
