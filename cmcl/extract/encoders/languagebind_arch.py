@@ -382,10 +382,5 @@ def large_config(kind: str, clip_type: str = "vl") -> LanguageBindConfig:
                                     num_attention_heads=16), 768, clip_type)
 
 
-def param_count(cfg: LanguageBindConfig) -> int:
-    net = build_languagebind(cfg, device="meta")
-    return sum(p.numel() for p in net.parameters())
-
-
 __all__ = ["LanguageBindConfig", "LanguageBindNet", "TextConfig", "VisionConfig", "build_languagebind",
            "large_config", "merge_lora", "tiny_config"]
