@@ -19,8 +19,8 @@ The closure clears the optimizer's gradients, runs ``learners.forward_pairs(batc
 strategy.extra_inputs(batch))`` (``out.extra`` holds the outputs of rows a strategy forwards with
 the batch; ``out.epoch`` and ``out.update`` say where in the step the batch falls; with
 ``output_grads`` the trainer keeps ``out.u.grad`` and ``out.v.grad``, the loss's gradients with
-respect to the outputs), calls
-``strategy.losses(batch, out)`` and back-propagates the sum of the returned ``*_loss`` terms.
+respect to the outputs), calls ``strategy.losses(batch, out)`` and back-propagates the sum of the
+returned ``*_loss`` terms.
 
 Rules every strategy follows (checked by ``tests/test_strategy_contract.py``): hooks never step the
 optimizer; ``losses`` returns finite scalars keyed ``*_loss``; step 1 needs no special case;
