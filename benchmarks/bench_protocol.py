@@ -4,14 +4,24 @@
 
 Writes the cache at scale 1.0 (about 227k training pairs over the 11 steps), then trains each
 strategy for one seed with the paper's settings (5 epochs, batch 64, AdamW) and prints wall-clock
-seconds for the whole run and per step (training, evaluation).
+seconds for the whole run and per step (training, evaluation), and each run's peak memory.
+
+By default (``--schedule interleaved``) every strategy's run is its own spawned process and the
+runs take turns step by step: the first run trains step 1 while the others wait, then the second
+run trains its step 1, and so on. A run's times count only its turns. So all strategies see the
+machine in the same state at each step, and a slow spell of the machine (2-core VMs here drift by
+±20 % over minutes) no longer lands on one strategy only. ``--schedule sequential`` trains one
+whole run after the other in this process, as the earlier measurements did.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
+import queue
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -38,26 +48,102 @@ def write_features(out: Path, dim: int, scale: float) -> float:
     return time.perf_counter() - t0
 
 
-def run_strategy(out: Path, name: str, *, epochs: int = 5, device: str = "cpu") -> dict:
+def run_strategy(out: Path, name: str, *, epochs: int = 5, device: str = "cpu", on_step=None) -> dict:
     """Train one seed of ``name`` on ``out/features`` (into ``out/runs``, replacing an earlier run)
     and return its times: ``total_seconds`` (the whole run: loading and validating the features,
     training, evaluation, writing), ``train_seconds`` (whole steps, per-step strategy work
     included), ``eval_seconds`` (the scoring after each step), ``updates``, ``ms_per_update``,
-    ``steps`` and the run's ``summary`` (its Table 2 numbers)."""
+    ``steps``, the run's ``summary`` (its Table 2 numbers) and ``peak_rss_gb``, the process's peak
+    resident memory so far (in the interleaved schedule, the run's own). ``on_step`` goes to the
+    trainer; the seconds it returns (time spent waiting for a turn) are not counted in ``total_seconds``."""
     runs = out / "runs"
     shutil.rmtree(runs / "synthetic" / name, ignore_errors=True)
     cfg = TrainConfig(features=str(out / "features"), backbone="synthetic", strategy=name,
                       params=resolve_params(name, {}, "synthetic"), label=name, epochs=epochs, device=device)
+    waited = [0.0]
+
+    def hook(run: Path, index: int) -> None:
+        if on_step is not None:
+            waited[0] += on_step(run, index)
+
     t0 = time.perf_counter()
-    run = train_one(cfg, runs)
-    total = time.perf_counter() - t0
+    run = train_one(cfg, runs, on_step=hook)
+    total = time.perf_counter() - t0 - waited[0]
     found = [i for i in ckpt.finished_steps(run) if i > 0]
     steps = [json.loads((ckpt.step_dir(run, i) / "metrics.json").read_text()) for i in found]
     train_s = sum(s["train_seconds"] for s in steps)
     updates = sum(s["updates"] for s in steps)
     return {"total_seconds": total, "train_seconds": train_s, "eval_seconds": sum(s["eval_seconds"] for s in steps),
             "updates": updates, "ms_per_update": 1000 * train_s / updates, "steps": len(steps),
-            "summary": json.loads((run / "summary.json").read_text())}
+            "summary": json.loads((run / "summary.json").read_text()),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # kB on Linux
+
+
+def _turns(out: Path, name: str, epochs: int, device: str, ready, mine, following, steps: int, results) -> None:
+    """A spawned worker: run ``name``, training only while holding the turn (``mine``); after each
+    step but the last the turn goes to the next run (``following``), and after the run ends too.
+    ``ready`` tells the parent that this process has imported everything (the first turn starts
+    only when every worker has, so that no import competes with a timed step)."""
+    ready.set()
+    mine.wait()
+    mine.clear()
+
+    def hand_over(run: Path, index: int) -> float:
+        if index == 0 or index == steps:   # the initial scoring joins step 1's turn; the end is below
+            return 0.0
+        t0 = time.perf_counter()
+        following.set()
+        mine.wait()
+        mine.clear()
+        return time.perf_counter() - t0
+
+    try:
+        results.put((name, run_strategy(out, name, epochs=epochs, device=device, on_step=hand_over)))
+    except BaseException as exc:  # reported by the parent, which stops the other runs
+        results.put((name, repr(exc)))
+        raise
+    finally:
+        following.set()
+
+
+def run_interleaved(out: Path, names: list[str], *, epochs: int, device: str) -> dict[str, dict]:
+    """Every strategy's run in its own process, taking turns step by step (see the module doc)."""
+    from cmcl.data.protocol import load_protocol
+
+    steps = len(load_protocol("paper11"))
+    ctx = mp.get_context("spawn")
+    turns, ready = [ctx.Event() for _ in names], [ctx.Event() for _ in names]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_turns, args=(out, n, epochs, device, ready[i], turns[i], turns[(i + 1) % len(names)],
+                                              steps, results), daemon=True) for i, n in enumerate(names)]
+    for p in procs:
+        p.start()
+    found: dict[str, dict] = {}
+    try:
+        for p, r in zip(procs, ready):
+            while not r.wait(timeout=5):
+                if p.exitcode is not None:
+                    raise SystemExit(f"bench_protocol: a worker died while starting (exit code {p.exitcode})")
+        turns[0].set()
+        while len(found) < len(names):
+            try:
+                name, r = results.get(timeout=5)
+            except queue.Empty:
+                dead = [n for n, p in zip(names, procs) if p.exitcode not in (None, 0) and n not in found]
+                if dead:
+                    raise SystemExit(f"bench_protocol: the {dead[0]} run died (exit code "
+                                     f"{procs[names.index(dead[0])].exitcode})") from None
+                continue
+            if isinstance(r, str):
+                raise SystemExit(f"bench_protocol: the {name} run failed: {r}")
+            found[name] = r
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    return {n: found[n] for n in names}
 
 
 def main() -> None:
@@ -68,14 +154,21 @@ def main() -> None:
     ap.add_argument("--strategies", default="dns,vanilla")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--schedule", default="interleaved", choices=("interleaved", "sequential"),
+                    help="interleaved: the runs take turns step by step, one process each (default); "
+                         "sequential: one whole run after the other, in this process")
     args = ap.parse_args()
     seconds = write_features(args.out, args.dim, args.scale)
-    print(f"extract: {seconds:.1f} s (scale {args.scale}, d={args.dim})")
-    for name in args.strategies.split(","):
-        r = run_strategy(args.out, name, epochs=args.epochs, device=args.device)
+    print(f"extract: {seconds:.1f} s (scale {args.scale}, d={args.dim}); schedule {args.schedule}")
+    names = args.strategies.split(",")
+    if args.schedule == "interleaved":
+        done = run_interleaved(args.out, names, epochs=args.epochs, device=args.device)
+    else:
+        done = {n: run_strategy(args.out, n, epochs=args.epochs, device=args.device) for n in names}
+    for name, r in done.items():
         print(f"{name}: {r['total_seconds']:.1f} s total for {r['steps']} steps ({r['train_seconds']:.1f} s training, "
               f"{r['eval_seconds']:.1f} s evaluation, {r['updates']} updates, {r['ms_per_update']:.2f} ms per update; "
-              f"torch threads {torch.get_num_threads()})")
+              f"torch threads {torch.get_num_threads()}; peak RSS {r['peak_rss_gb']:.2f} GB)")
         print("   " + "  ".join(f"{k} {v:.2f}" for k, v in r["summary"].items()))
 
 
