@@ -99,9 +99,9 @@ def _turns(out: Path, name: str, epochs: int, device: str, ready, mine, followin
 
     try:
         results.put((name, run_strategy(out, name, epochs=epochs, device=device, on_step=hand_over)))
-    except BaseException as exc:  # reported by the parent, which stops the other runs
+    except Exception as exc:  # reported by the parent, which stops the other runs
         results.put((name, repr(exc)))
-        raise
+        raise SystemExit(1) from None
     finally:
         following.set()
 
@@ -158,9 +158,14 @@ def main() -> None:
                     help="interleaved: the runs take turns step by step, one process each (default); "
                          "sequential: one whole run after the other, in this process")
     args = ap.parse_args()
+    names = args.strategies.split(",")
+    for name in names:  # an unknown name fails here, before anything is written
+        try:
+            resolve_params(name, {}, "synthetic")
+        except Exception as exc:
+            raise SystemExit(f"bench_protocol: {exc}") from None
     seconds = write_features(args.out, args.dim, args.scale)
     print(f"extract: {seconds:.1f} s (scale {args.scale}, d={args.dim}); schedule {args.schedule}")
-    names = args.strategies.split(",")
     if args.schedule == "interleaved":
         done = run_interleaved(args.out, names, epochs=args.epochs, device=args.device)
     else:
