@@ -29,10 +29,15 @@ modalities = ["text", "audio"]
 """
 
 
+def step_data(cache, tmp_path, protocol: str) -> StepData:
+    """The synthetic cache's data for a protocol given as TOML text."""
+    path = tmp_path / "p.toml"
+    path.write_text(protocol)
+    return StepData(cache, "synthetic", load_protocol(str(path)))
+
+
 def test_scorer_reuses_exactly_the_splits_whose_modalities_did_not_change(tiny_cache, tmp_path):
-    proto = tmp_path / "p.toml"
-    proto.write_text(TWO_WORLDS)
-    data = StepData(tiny_cache, "synthetic", load_protocol(str(proto)))
+    data = step_data(tiny_cache, tmp_path, TWO_WORLDS)
     tests = data.test_sets()
     torch.manual_seed(0)
     learners = ModalityLearners(["vision", "depth", "text", "audio"], data.dim)
@@ -52,9 +57,7 @@ def test_scorer_reuses_exactly_the_splits_whose_modalities_did_not_change(tiny_c
 
 
 def test_a_re_scored_split_embeds_only_its_changed_modalities(tiny_cache, tmp_path):
-    proto = tmp_path / "p.toml"
-    proto.write_text(TWO_WORLDS)
-    tests = StepData(tiny_cache, "synthetic", load_protocol(str(proto))).test_sets()
+    tests = step_data(tiny_cache, tmp_path, TWO_WORLDS).test_sets()
     torch.manual_seed(0)
     learners = ModalityLearners(["vision", "depth", "text", "audio"], tests[0].xa.shape[1])
     calls = []
@@ -115,9 +118,7 @@ modalities = ["audio", "video"]
 
 
 def test_splits_of_one_dataset_share_the_outputs_of_a_modality(tiny_cache, tmp_path):
-    proto = tmp_path / "p.toml"
-    proto.write_text(ONE_DATASET)
-    tests = StepData(tiny_cache, "synthetic", load_protocol(str(proto))).test_sets()
+    tests = step_data(tiny_cache, tmp_path, ONE_DATASET).test_sets()
     torch.manual_seed(0)
     learners = ModalityLearners(["text", "audio", "video"], tests[0].xa.shape[1])
     calls = []
