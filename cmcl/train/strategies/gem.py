@@ -20,9 +20,11 @@ Every update of step t:
 Per-row gradients of linear learners are rank one, so ``G`` (K x 2(d^2+d)) is never formed:
 ``g_k`` restricted to learner m is ``D_k^T [X_k, 1]`` with ``D_k`` the loss's gradient with
 respect to the learner outputs of step k's rows, hence
-``G G^T = S^T ((D D^T) * (X X^T + 1)) S`` (S the rows' one-hot step membership) in float64,
-``<g_k, g> = sum_rows D_i . (Grad_W x_i + grad_c)`` in float64, and the correction
-``G^T v = (D * v_k)^T [X, 1]`` is one matmul per learner.
+``G G^T = S^T ((D D^T) * (X X^T + 1)) S`` (S the rows' one-hot step membership),
+``<g_k, g> = sum_rows D_i . (Grad_W x_i + grad_c)``, and the correction ``G^T v = (D * v_k)^T [X, 1]``
+is one matmul per learner. As in the reference codes, the gradients' products are float32 and the
+quadratic program float64: the per-row products ``D D^T``, ``X X^T`` and ``D Dc^T`` are float32
+(the reference forms ``g_k`` and ``<g, g_k>`` in float32), their sums over rows and steps float64.
 """
 
 from __future__ import annotations
@@ -129,21 +131,20 @@ class GEM(Replay):
         for m in self._cur:
             idx[m] = (torch.as_tensor(np.flatnonzero(mem.ma == m), device=mem.xa.device),
                       torch.as_tensor(np.flatnonzero(mem.mb == m), device=mem.xa.device))
-        # per current learner: its memory inputs (also in float64), their step, and X X^T + 1 (fixed
+        # per current learner: its memory inputs, their step (index and one-hot) and X X^T + 1 (fixed
         # during the step)
         inputs = {}
         for m, (ia, ib) in idx.items():
             if len(ia) or len(ib):
                 xm = torch.cat([mem.xa[ia], mem.xb[ib]])
-                x64 = xm.double()
-                inputs[m] = (xm, x64, torch.cat([groups[ia], groups[ib]]), x64 @ x64.T + 1.0,
-                             F.one_hot(torch.cat([groups[ia], groups[ib]]), len(shared)).double())
+                gm = torch.cat([groups[ia], groups[ib]])
+                inputs[m] = (xm, gm, (xm @ xm.T + 1.0).double(), F.one_hot(gm, len(shared)).double())
         self._mem = {"data": mem, "groups": groups, "k": len(shared), "steps": shared,
                      "u0": out.u, "v0": out.v, "idx": idx, "inputs": inputs}
 
     def memory_gradients(self) -> dict[str, Any] | None:
-        """Per-learner factors ``(D, X, step membership, D and X in float64)`` of every g_k and the
-        Gram ``G G^T`` (float64)."""
+        """Per-learner factors ``(D, X, step of each row)`` of every g_k and the Gram ``G G^T``
+        (float64)."""
         mem = self._mem
         if mem is None:
             return None
@@ -164,13 +165,12 @@ class GEM(Replay):
             du, dv = torch.autograd.grad(per_step.sum(), [u, v])
         gram = torch.zeros(k, k, dtype=torch.float64, device=u.device)
         factors = {}
-        for m, (xm, x64, gm, x_gram, member) in mem["inputs"].items():
+        for m, (xm, gm, x_gram, member) in mem["inputs"].items():
             ia, ib = mem["idx"][m]
             dm = torch.cat([du[ia], dv[ib]])
-            d64 = dm.double()
-            pair_dots = (d64 @ d64.T) * x_gram    # <D_i x_i^T, D_j x_j^T> + <D_i, D_j>
+            pair_dots = (dm @ dm.T).double() * x_gram    # <D_i x_i^T, D_j x_j^T> + <D_i, D_j>
             gram += member.T @ pair_dots @ member
-            factors[m] = (dm, xm, gm, d64, x64)
+            factors[m] = (dm, xm, gm)
         return {"factors": factors, "gram": gram, "k": k}
 
     # ------------------------------------------------------------------ hooks
@@ -202,23 +202,22 @@ class GEM(Replay):
             # The trainer's clipping scales .grad by c <= 1: recover c from the norms.
             struct_sq, raw = 0.0, torch.zeros(k, dtype=torch.float64, device=device)
             for m, (dc, xc) in cur.items():
-                dc64, xc64 = dc.double(), xc.double()
-                struct_sq += float(((dc64 @ dc64.T) * (xc64 @ xc64.T + 1.0)).sum())
+                struct_sq += float(((dc @ dc.T) * (xc @ xc.T + 1.0)).double().sum())
                 if m in mg["factors"]:
-                    _, _, gm, d64, x64 = mg["factors"][m]
-                    rows = ((d64 @ dc64.T) * (x64 @ xc64.T + 1.0)).sum(dim=1)
+                    dm, xm, gm = mg["factors"][m]
+                    rows = ((dm @ dc.T) * (xm @ xc.T + 1.0)).double().sum(dim=1)
                     raw.index_add_(0, gm, rows)
             if struct_sq > 0 and g_sq <= struct_sq * (1 + 1e-4):
                 return raw * (g_sq / struct_sq) ** 0.5, g_sq
         # Dense route (another hook changed .grad, or no captured factors): O(N d^2) in float64.
-        for m, (_, xm, gm, d64, x64) in mg["factors"].items():
+        for m, (dm, xm, gm) in mg["factors"].items():
             layer = self.learners[m]
             y = torch.zeros(len(xm), layer.weight.shape[0], dtype=torch.float64, device=xm.device)
             if layer.weight.grad is not None:
-                y += x64 @ layer.weight.grad.double().T
+                y += xm.double() @ layer.weight.grad.double().T
             if layer.bias.grad is not None:
                 y += layer.bias.grad.double()
-            dots.index_add_(0, gm, (d64 * y).sum(dim=1))
+            dots.index_add_(0, gm, (dm.double() * y).sum(dim=1))
         return dots, g_sq
 
     def before_update(self, batch: PairedFeatures, out: PairOutput) -> None:
@@ -246,7 +245,7 @@ class GEM(Replay):
         self._stats["v_max"] = max(self._stats["v_max"], float(v.max()))
         coef = torch.as_tensor(v, device=mg["gram"].device)
         with torch.no_grad():
-            for m, (dm, xm, gm, _, _) in mg["factors"].items():
+            for m, (dm, xm, gm) in mg["factors"].items():
                 layer = self.learners[m]
                 scaled = dm * coef[gm].to(dm.dtype)[:, None]
                 for p, corr in ((layer.weight, lambda: scaled.T @ xm), (layer.bias, lambda: scaled.sum(0))):
