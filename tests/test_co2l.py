@@ -96,6 +96,24 @@ def test_ird_matches_an_explicit_sum_over_the_off_diagonal():
     assert abs(float(got) - total / 5) < 1e-5
 
 
+def test_ird_gradient_is_that_of_the_loss():
+    # the closed-form backward (normalisation included) against finite differences in float64 and
+    # against autograd of the normalised, masked log-softmax written out
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, D, generator=g, dtype=torch.float64).requires_grad_(True)
+    targets = relation_targets(torch.nn.functional.normalize(torch.randn(7, D, generator=g, dtype=torch.float64),
+                                                             dim=1), 0.05)
+    assert torch.autograd.gradcheck(lambda a: relation_distillation(a, targets, 0.2), (x,))
+    z = torch.nn.functional.normalize(x, dim=1)
+    eye = torch.eye(7, dtype=torch.bool)
+    explicit = -(targets * torch.log_softmax((z @ z.T / 0.2).masked_fill(eye, float("-inf")), dim=1)
+                 .masked_fill(eye, 0.0)).sum(dim=1).mean()
+    (want,) = torch.autograd.grad(3.0 * explicit, x)
+    (got,) = torch.autograd.grad(3.0 * relation_distillation(x, targets, 0.2), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(relation_distillation(x, targets, 0.2), explicit, rtol=1e-14, atol=0)
+
+
 def _ird_gradient(kappa, kappa_past):
     learners = jittered_learners(3)
     strategy = get_strategy("co2l", kappa=kappa, kappa_past=kappa_past)

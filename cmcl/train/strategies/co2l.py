@@ -130,16 +130,46 @@ def relation_targets(z_teacher: torch.Tensor, kappa_past: float) -> torch.Tensor
     return torch.softmax((z_teacher @ z_teacher.T / kappa_past).masked_fill(eye, float("-inf")), dim=1)
 
 
-def relation_distillation(z: torch.Tensor, targets: torch.Tensor, kappa: float) -> torch.Tensor:
+class _RelationDistillation(torch.autograd.Function):
+    """IRD of the stacked outputs ``X = [U; V]`` with its gradient in closed form.
+
+    ``Z = X/‖X‖`` row-wise (as ``F.normalize``), ``l_rs = z_r·z_s/κ`` (s ≠ r) and
+    ``L = -(1/N) Σ_r Σ_{s≠r} p*_rs log p_rs``. Then ``∂L/∂l_rs = (p_rs Σ_s' p*_rs' - p*_rs)/N`` (zero
+    on the diagonal), ``∂L/∂Z = (G + Gᵀ) Z/κ`` (one product, where autograd of ``Z Zᵀ`` takes two)
+    and ``∂L/∂x_r = (∂L/∂z_r - z_r (z_r·∂L/∂z_r))/‖x_r‖``; no graph of the normalisation or of
+    the masked log-softmax is built.
+    """
+
+    @staticmethod
+    def forward(ctx, x, targets, kappa):  # noqa: D102
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+        z = x / norm
+        eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+        logp = torch.log_softmax((z @ z.T / kappa).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
+        ctx.save_for_backward(z, norm, targets, logp)
+        ctx.kappa = kappa
+        return -(targets * logp).sum(dim=1).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        z, norm, targets, logp = ctx.saved_tensors
+        p = logp.exp()
+        p.diagonal().zero_()                    # p_rr = 0 (its log was stored as 0)
+        g = p.mul_(targets.sum(dim=1, keepdim=True)).sub_(targets)
+        dz = (g + g.T).mm(z).mul_(grad_out / (z.shape[0] * ctx.kappa))
+        return dz.sub_(z * (z * dz).sum(dim=1, keepdim=True)).div_(norm), None, None
+
+
+def relation_distillation(x: torch.Tensor, targets: torch.Tensor, kappa: float) -> torch.Tensor:
     """IRD: the mean over rows of the cross-entropy from ``targets`` (p*) to the student's p.
 
-    ``z`` are the student's normalised embeddings (2n, d); the diagonal s = r is masked to -inf
-    before the softmax (``log_softmax`` subtracts the row max of the remaining entries), so p_rr
-    is never formed, and its log is zeroed so that ``0·log 0`` does not produce a NaN.
+    ``x`` are the student's 2n stacked outputs ``[U; V]``, L2-normalised here row-wise (unit rows
+    stay unit up to rounding); the diagonal s = r is masked to -inf before the softmax
+    (``log_softmax`` subtracts the row max of the remaining entries), so p_rr is never formed,
+    and its log is zeroed so that ``0·log 0`` does not produce a NaN. Only the gradient with
+    respect to ``x`` is formed (the targets are the frozen teacher's).
     """
-    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    logp = torch.log_softmax((z @ z.T / kappa).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
-    return -(targets * logp).sum(dim=1).mean()
+    return _RelationDistillation.apply(x, targets.detach(), kappa)
 
 
 def stacked_unit(out: PairOutput) -> torch.Tensor:
@@ -271,7 +301,7 @@ class Co2L(Replay):
         if not self.distilling:
             self._raw = (asym.detach(), None)
             return {"asym_loss": asym}
-        ird = relation_distillation(stacked_unit(out), self._teacher_targets(batch), self.kappa)
+        ird = relation_distillation(torch.cat([out.u, out.v]), self._teacher_targets(batch), self.kappa)
         self._raw = (asym.detach(), ird.detach())
         return {"asym_loss": asym, "ird_loss": self.distill_weight() * ird}
 
