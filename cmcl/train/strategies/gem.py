@@ -23,7 +23,7 @@ respect to the learner outputs of step k's rows, hence
 ``G G^T = S^T ((D D^T) * (X X^T + 1)) S`` (S the rows' one-hot step membership),
 ``<g_k, g> = sum_rows D_i . (Grad_W x_i + grad_c)``, and the correction ``G^T v = (D * v_k)^T [X, 1]``
 is one matmul per learner. As in the reference codes, the gradients' products are float32 and the
-quadratic program float64: the per-row products ``D D^T``, ``X X^T`` and ``D Dc^T`` are float32
+quadratic program float64: the per-row products ``D D^T``, ``X X^T`` and ``D Delta^T`` are float32
 (the reference forms ``g_k`` and ``<g, g_k>`` in float32), their sums over rows and steps float64.
 """
 
