@@ -36,15 +36,20 @@ def random_problem(seed, k=3, p=50):
 
 
 @pytest.mark.parametrize("direction", ["a2b", "symmetric"])
-def test_grouped_info_nce_equals_the_loss_of_each_group(direction):
+@pytest.mark.parametrize("groups", [[0, 2, 1, 0, 2, 2, 1, 0, 0, 2, 1],        # unequal sizes: the masked product
+                                    [0, 2, 1, 0, 2, 2, 1, 1, 0, 2, 1, 0]])    # equal sizes: one batch of blocks
+def test_grouped_info_nce_equals_the_loss_of_each_group(direction, groups):
     torch.manual_seed(0)
-    u, v = torch.randn(11, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
-    groups = torch.tensor([0, 2, 1, 0, 2, 2, 1, 0, 0, 2, 1])
+    groups = torch.tensor(groups)
+    u = torch.randn(len(groups), 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(len(groups), 4, dtype=torch.float64, requires_grad=True)
     got = grouped_info_nce(u, v, groups, 3, temperature=0.7, direction=direction)
-    for k in range(3):
-        rows = groups == k
-        want = info_nce(u[rows], v[rows], temperature=0.7, direction=direction)
-        assert torch.allclose(got[k], want, rtol=1e-12, atol=1e-12)
+    want = torch.stack([info_nce(u[groups == k], v[groups == k], temperature=0.7, direction=direction)
+                        for k in range(3)])
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(got @ weights, [u, v]), torch.autograd.grad(want @ weights, [u, v])):
+        assert torch.allclose(g, w, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
