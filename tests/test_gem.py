@@ -13,7 +13,7 @@ from cmcl.train.learners import ModalityLearners
 from cmcl.train.objective import info_nce
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
-from cmcl.train.strategies.gem import gem_multipliers, grouped_info_nce
+from cmcl.train.strategies.gem import equal_blocks, gem_multipliers, grouped_info_nce
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 
@@ -43,7 +43,9 @@ def test_grouped_info_nce_equals_the_loss_of_each_group(direction, groups):
     groups = torch.tensor(groups)
     u = torch.randn(len(groups), 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(len(groups), 4, dtype=torch.float64, requires_grad=True)
-    got = grouped_info_nce(u, v, groups, 3, temperature=0.7, direction=direction)
+    blocks = equal_blocks(groups, 3)
+    assert (blocks is None) == (len(groups) == 11)
+    got = grouped_info_nce(u, v, groups, 3, temperature=0.7, direction=direction, blocks=blocks)
     want = torch.stack([info_nce(u[groups == k], v[groups == k], temperature=0.7, direction=direction)
                         for k in range(3)])
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -46,18 +46,28 @@ from cmcl.types import StepInfo
 SOLVERS = ("quadprog", "nnls")
 
 
-def grouped_info_nce(u: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, n_groups: int, *,
-                     temperature: float = 1.0, direction: str = "a2b") -> torch.Tensor:
-    """The base InfoNCE of each group of rows, negatives taken within the group only: shape (K,).
-
-    Equals ``info_nce(u[g], v[g])`` for every group ``g``. Groups of equal size (the step-balanced
-    memory's shares) are scored as one batch of K blocks, Σ n_g² d work; otherwise one masked
-    N x N product, N² d work (K times more for K equal groups).
-    """
+def equal_blocks(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, int] | None:
+    """``(order, size)`` when every group has the same number of rows (``groups[order]`` sorted), else
+    None: the argument ``blocks`` of :func:`grouped_info_nce`, computed once while the groups are fixed."""
     counts = torch.bincount(groups, minlength=n_groups)
     size = int(counts[0])
     if n_groups > 1 and size > 0 and bool((counts == size).all()):
-        order = torch.argsort(groups, stable=True)
+        return torch.argsort(groups, stable=True), size
+    return None
+
+
+def grouped_info_nce(u: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, n_groups: int, *,
+                     temperature: float = 1.0, direction: str = "a2b",
+                     blocks: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """The base InfoNCE of each group of rows, negatives taken within the group only: shape (K,).
+
+    Equals ``info_nce(u[g], v[g])`` for every group ``g``. Given ``blocks`` (:func:`equal_blocks`:
+    groups of equal size, as the step-balanced memory's shares are), the groups are scored as one
+    batch of K blocks, Σ n_g² d work; otherwise as one masked N x N product, N² d work (K times
+    more for K equal groups).
+    """
+    if blocks is not None:
+        order, size = blocks
         a, b = u[order].view(n_groups, size, -1), v[order].view(n_groups, size, -1)
         logits = torch.bmm(a, b.transpose(1, 2))
         if temperature != 1.0:
@@ -74,7 +84,8 @@ def grouped_info_nce(u: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, n_g
     target = torch.arange(len(u), device=u.device)
     per_row = two_way(direction, lambda: F.cross_entropy(logits, target, reduction="none"),
                       lambda: F.cross_entropy(logits.T, target, reduction="none"))
-    return torch.zeros(n_groups, dtype=per_row.dtype, device=u.device).index_add(0, groups, per_row) / counts.to(per_row.dtype)
+    counts = torch.bincount(groups, minlength=n_groups).to(per_row.dtype)
+    return torch.zeros(n_groups, dtype=per_row.dtype, device=u.device).index_add(0, groups, per_row) / counts
 
 
 def gem_multipliers(gram: np.ndarray, dots: np.ndarray, *, margin: float, ridge: float,
@@ -152,7 +163,8 @@ class GEM(Replay):
                 xm = torch.cat([mem.xa[ia], mem.xb[ib]])
                 gm = torch.cat([groups[ia], groups[ib]])
                 inputs[m] = (xm, gm, (xm @ xm.T + 1.0).double(), F.one_hot(gm, len(shared)).double())
-        self._mem = {"data": mem, "groups": groups, "k": len(shared), "steps": shared,
+        self._mem = {"data": mem, "groups": groups, "blocks": equal_blocks(groups, len(shared)),
+                     "k": len(shared), "steps": shared,
                      "u0": out.u, "v0": out.v, "idx": idx, "inputs": inputs}
 
     def memory_gradients(self) -> dict[str, Any] | None:
@@ -174,7 +186,7 @@ class GEM(Replay):
         v.requires_grad_(True)
         with torch.enable_grad():
             per_step = grouped_info_nce(u, v, groups, k, temperature=self.objective.temperature,
-                                        direction=self.objective.direction)
+                                        direction=self.objective.direction, blocks=mem["blocks"])
             du, dv = torch.autograd.grad(per_step.sum(), [u, v])
         gram = torch.zeros(k, k, dtype=torch.float64, device=u.device)
         factors = {}
