@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from cmcl.data.paired import PairedFeatures
+from cmcl.data.paired import PairedFeatures, take_rows
 from cmcl.train.config import Harness
 from cmcl.train.learners import ModalityLearners
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
 from cmcl.train.strategies.dns import DNS
 from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
-from cmcl.train.trainer import fit_step
+from cmcl.train.trainer import fit_step, weight_inputs
 from cmcl.types import StepInfo
 
 D = 12
@@ -266,24 +266,85 @@ def test_shared_count_survives_a_checkpoint_and_rejects_unknown_rules():
 
 
 @pytest.mark.parametrize("project_bias", [False, True])
-def test_fused_projection_gives_the_same_update_as_the_hook(project_bias):
-    """Projecting inside back-propagation (no clipping, Q = I) equals G − G P applied in before_update."""
-    finals = []
-    for fused in (True, False):
+def test_fused_projection_gives_the_same_update_as_the_hook(project_bias, monkeypatch):
+    """Projecting inside back-propagation (no clipping, Q = I) equals G − G P applied in before_update,
+    whether the step's rows are projected once (the default) or every batch projects its own."""
+    import cmcl.train.trainer as trainer
+
+    finals, calls = {}, {}
+    for route in ("per step", "per batch", "hook"):
+        monkeypatch.setattr(trainer, "WEIGHT_INPUTS_BYTES", 0 if route == "per batch" else 2 << 30)
         torch.manual_seed(0)
         learners = ModalityLearners(["text", "audio"], D)
-        dns = get_strategy("dns", lambda_min=0.02, project_bias=project_bias, fused=fused)
+        dns = get_strategy("dns", lambda_min=0.02, project_bias=project_bias, fused=route != "hook")
         dns.setup(learners, Objective())
+        calls[route] = 0
+
+        def counting(step, hook=dns.weight_grad_inputs, route=route):  # counts the transform's calls
+            def count(f):
+                def g(x):
+                    calls[route] += 1
+                    return f(x)
+                return g
+            return {m: count(f) for m, f in hook(step).items()}
+        dns.weight_grad_inputs = counting
         # SGD: Adam would amplify the rounding noise of the b-side bias gradient (analytically 0)
         sgd = Harness(lr=0.5, weight_decay=1e-3, decay_bias=True, linear_decay=False, clip_norm=None, optimizer="sgd")
         for i, seed in enumerate((1, 2, 3), start=1):
             xa, xb = low_rank_pairs(seed) if i == 1 else generic_pairs(seed)
             fit_step(learners, dns, StepInfo(i, "A", ("text", "audio"), i),
                      PairedFeatures.from_arrays(xa, xb, ("text", "audio"), i), harness=sgd, epochs=2, batch_size=32)
-            assert dns.report()["dns/fused"] == (2.0 if fused and i > 1 else 0.0)
+            assert dns.report()["dns/fused"] == (2.0 if route != "hook" and i > 1 else 0.0)
         assert not learners.grad_inputs  # cleared after each step
-        finals.append(torch.cat([p.detach().flatten() for p in learners.parameters()]))
-    torch.testing.assert_close(finals[0], finals[1], atol=1e-5, rtol=1e-4)
+        finals[route] = torch.cat([p.detach().flatten() for p in learners.parameters()])
+    # steps 2 and 3 project both learners: per step, a width probe and all 96 rows at once;
+    # per batch, the probe and then each of 2 epochs x 3 batches
+    assert calls == {"per step": 2 * 2 * 2, "per batch": 2 * 2 * (1 + 2 * 3), "hook": 0}
+    torch.testing.assert_close(finals["per step"], finals["hook"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(finals["per batch"], finals["hook"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("clip, project, retained", [(None, "gradient", [False, False]),
+                                                     (1.0, "gradient", [False, True]),
+                                                     (None, "update", [False, False])])
+def test_output_gradients_are_retained_only_for_the_hook_route(clip, project, retained):
+    """Step 1 protects nothing; at step 2 only the hook route (clipping) reads dL/du and dL/dv."""
+    learners = ModalityLearners(["text", "audio"], D)
+    dns = get_strategy("dns", lambda_min=0.02, project=project)
+    dns.setup(learners, Objective())
+    seen, hook = [], dns.before_update
+    dns.before_update = lambda batch, out: seen.append(out.u.retains_grad) or hook(batch, out)
+    harness = Harness(lr=1e-2, weight_decay=0.0, decay_bias=True, linear_decay=False, clip_norm=clip)
+    for i in (1, 2):
+        xa, xb = low_rank_pairs(i)
+        fit_step(learners, dns, StepInfo(i, "A", ("text", "audio"), i),
+                 PairedFeatures.from_arrays(xa, xb, ("text", "audio"), i), harness=harness, epochs=1, batch_size=48)
+        assert set(seen) == {retained[i - 1]} and dns.output_grads == retained[i - 1]
+        seen.clear()
+
+
+def test_weight_inputs_are_the_transform_of_every_row_or_nothing():
+    data = PairedFeatures.from_arrays(*generic_pairs(4, n=20000), ("text", "audio"), 1)
+    u = torch.linalg.qr(torch.randn(D, 3, generator=torch.Generator().manual_seed(0)))[0]
+    f = lambda x: x - (x @ u) @ u.T  # noqa: E731
+    pre = weight_inputs(data, {"audio": f})
+    assert set(pre) == {"b"}  # side b holds audio; text has no transform
+    torch.testing.assert_close(pre["b"], f(data.xb))
+    rows = torch.tensor([5, 19999, 0, 8192])
+    torch.testing.assert_close(take_rows(pre["b"], rows), f(data.select(rows).xb))
+    assert weight_inputs(data, {"audio": f}, max_bytes=20000 * D * 4 - 1) == {}
+    mixed = PairedFeatures.concat([data.select(slice(0, 4)),
+                                   PairedFeatures.from_arrays(*generic_pairs(5, n=4), ("video", "audio"), 2)])
+    assert weight_inputs(mixed, {"audio": f}) == {}
+
+
+def test_precomputed_weight_inputs_need_a_side_of_one_modality():
+    learners = ModalityLearners(["text", "audio", "video"], D)
+    learners.grad_inputs["text"] = lambda x: x
+    mixed = PairedFeatures.concat([PairedFeatures.from_arrays(*generic_pairs(1, n=4), ("text", "audio"), 1),
+                                   PairedFeatures.from_arrays(*generic_pairs(2, n=4), ("video", "audio"), 2)])
+    with pytest.raises(ValueError, match="one modality"):
+        learners.forward_pairs(mixed, weight_inputs={"a": mixed.xa})
 
 
 def test_fused_projection_is_not_used_when_the_trainer_clips():

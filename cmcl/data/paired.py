@@ -68,18 +68,7 @@ class PairedFeatures:
 
     def select(self, rows: torch.Tensor | np.ndarray | slice) -> "PairedFeatures":
         """A subset of rows (index tensor, array or slice); tensors stay on their device."""
-        if isinstance(rows, slice):
-            np_rows = t_rows = rows
-        else:
-            t_rows = torch.as_tensor(rows, dtype=torch.int64,
-                                     device=rows.device if isinstance(rows, torch.Tensor) else "cpu")
-            np_rows = t_rows.cpu().numpy()
-            if self.xa.device.type == "cuda" and t_rows.device.type == "cpu":
-                # from pinned memory the copy is asynchronous: drawing a batch does not wait for
-                # the GPU to finish its queue (a copy from pageable memory would)
-                t_rows = t_rows.pin_memory().to(self.xa.device, non_blocking=True)
-            else:
-                t_rows = t_rows.to(self.xa.device)
+        np_rows, t_rows = _indices(rows, self.xa.device)
         return PairedFeatures(
             xa=_rows(self.xa, np_rows, t_rows), xb=_rows(self.xb, np_rows, t_rows), ma=self.ma[np_rows],
             mb=self.mb[np_rows], step=self.step[t_rows], labels=self.labels[t_rows], ids=self.ids[np_rows],
@@ -117,6 +106,24 @@ class PairedFeatures:
             labels=torch.cat([p.labels.to(device) for p in parts]),
             ids=np.concatenate([p.ids for p in parts]),
         )
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
+    """``x[rows]`` by :meth:`PairedFeatures.select`'s gather, for a tensor aligned with a set's rows."""
+    return _rows(x, *_indices(rows, x.device))
+
+
+def _indices(rows: torch.Tensor | np.ndarray | slice, device: torch.device):
+    """``rows`` as a numpy index and as an index tensor on ``device`` (a slice stays a slice)."""
+    if isinstance(rows, slice):
+        return rows, rows
+    t_rows = torch.as_tensor(rows, dtype=torch.int64, device=rows.device if isinstance(rows, torch.Tensor) else "cpu")
+    np_rows = t_rows.cpu().numpy()
+    if device.type == "cuda" and t_rows.device.type == "cpu":
+        # from pinned memory the copy is asynchronous: drawing a batch does not wait for
+        # the GPU to finish its queue (a copy from pageable memory would)
+        return np_rows, t_rows.pin_memory().to(device, non_blocking=True)
+    return np_rows, t_rows.to(device)
 
 
 def _rows(x: torch.Tensor, np_rows, t_rows) -> torch.Tensor:

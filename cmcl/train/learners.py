@@ -88,19 +88,21 @@ class ModalityLearners(nn.Module):
         """Apply the learner of ``modality`` to (N, D) inputs."""
         return self.layers[modality](x)
 
-    def _linear(self, m: str, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, m: str, x: torch.Tensor, xg: torch.Tensor | None = None) -> torch.Tensor:
+        """``m``'s learner on ``x``; its weight gradient from ``grad_inputs[m](x)``, or from ``xg``,
+        those inputs computed beforehand (when ``m`` has a transform)."""
         layer = self.layers[m]
         transform = self.grad_inputs.get(m)
         if transform is None or not torch.is_grad_enabled() or not layer.weight.requires_grad:
             return layer(x)
-        return _GradInputLinear.apply(x, transform(x), layer.weight, layer.bias)
+        return _GradInputLinear.apply(x, transform(x) if xg is None else xg, layer.weight, layer.bias)
 
     def _apply_rows(self, names: np.ndarray, x: torch.Tensor, extra: dict[str, torch.Tensor],
-                    outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+                    outputs: dict[str, torch.Tensor], xg: torch.Tensor | None = None) -> torch.Tensor:
         def linear(m: str, rows_x: torch.Tensor) -> torch.Tensor:
             more = extra.pop(m, None)
             if more is None:
-                return self._linear(m, rows_x)
+                return self._linear(m, rows_x) if xg is None else self._linear(m, rows_x, xg)
             y = self._linear(m, torch.cat([rows_x, more]))
             outputs[m] = y[len(rows_x):]
             return y[:len(rows_x)]
@@ -108,6 +110,8 @@ class ModalityLearners(nn.Module):
         first = names[0]
         if (names == first).all():
             return linear(str(first), x)
+        if xg is not None:
+            raise ValueError("precomputed weight-gradient inputs need the batch's side to be one modality")
         out = torch.empty_like(x)
         # One matmul per distinct modality, scattered back into row order.
         for m in np.unique(names):
@@ -115,16 +119,21 @@ class ModalityLearners(nn.Module):
             out = out.index_put((rows,), linear(str(m), x[rows]))
         return out
 
-    def forward_pairs(self, batch: PairedFeatures, extra: Mapping[str, torch.Tensor] | None = None) -> PairOutput:
+    def forward_pairs(self, batch: PairedFeatures, extra: Mapping[str, torch.Tensor] | None = None,
+                      weight_inputs: Mapping[str, torch.Tensor] | None = None) -> PairOutput:
         """Outputs of a batch whose rows may mix modality pairs.
 
         ``extra`` maps modalities to more input rows for their learners: they go through the same
         product as the batch's rows of that modality (so the backward pass forms one weight
         gradient for both), and their outputs are returned in ``out.extra``.
+
+        ``weight_inputs`` maps a side (``"a"``, ``"b"``) whose rows are all one modality to that
+        learner's ``grad_inputs`` of the batch's rows, computed beforehand (the trainer transforms a
+        step's rows once, not every batch); ignored for a learner given ``extra`` rows.
         """
-        pending, outputs = dict(extra or {}), {}
-        u = self._apply_rows(batch.ma, batch.xa, pending, outputs)
-        v = self._apply_rows(batch.mb, batch.xb, pending, outputs)
+        pending, outputs, pre = dict(extra or {}), {}, weight_inputs or {}
+        u = self._apply_rows(batch.ma, batch.xa, pending, outputs, pre.get("a"))
+        v = self._apply_rows(batch.mb, batch.xb, pending, outputs, pre.get("b"))
         for m, x in pending.items():   # modalities the batch does not use
             outputs[m] = self._linear(m, x)
         return PairOutput(u, v, extra=outputs)

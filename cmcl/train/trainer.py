@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from cmcl import __version__
 from cmcl.data import locks, runs
 from cmcl.data.features import FeatureShard, split_files
-from cmcl.data.paired import PairedFeatures, StepData, iter_batches
+from cmcl.data.paired import PairedFeatures, StepData, iter_batches, take_rows
 from cmcl.data.protocol import Protocol, load_protocol
 from cmcl.errors import RunError
 from cmcl.train.config import Harness, TrainConfig
@@ -108,12 +108,38 @@ def higher_order_term(objective: Objective, old: PairOutput, new: PairOutput, lr
         return (after - before.detach() - first) / lr
 
 
+#: a step's weight-gradient inputs (:meth:`Strategy.weight_grad_inputs`) are transformed once, over
+#: all its rows, when the result takes at most this many bytes; otherwise each batch transforms its own
+#: rows (the same numbers up to rounding, the transform's work repeated every epoch)
+WEIGHT_INPUTS_BYTES = 2 << 30
+
+
+def weight_inputs(train: PairedFeatures, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                  max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Per side (``"a"``, ``"b"``) of a single-pair training set whose learner has a weight-gradient
+    transform, the transform of every row, for :meth:`ModalityLearners.forward_pairs`'s
+    ``weight_inputs``: the hook's transforms are row-wise, so a batch's rows of the result are the
+    transform of the batch (DNS: x (I − P) in one product per step instead of one per batch).
+    Empty for a set mixing pairs, or when the result would take more than ``max_bytes``
+    (default :data:`WEIGHT_INPUTS_BYTES`)."""
+    max_bytes = WEIGHT_INPUTS_BYTES if max_bytes is None else max_bytes
+    pair = train.single_pair
+    if pair is None or not transforms:
+        return {}
+    sides = [(s, transforms[m], x) for s, m, x in (("a", pair[0], train.xa), ("b", pair[1], train.xb))
+             if m in transforms]
+    with torch.no_grad():
+        if sum(len(train) * f(x[:1]).shape[1] * 4 for _, f, x in sides) > max_bytes:
+            return {}
+        return {s: f(x) for s, f, x in sides}  # one product per side, written where it is kept
+
+
 def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatures, opt, sched, trained, clipped,
              harness: Harness, *, epochs: int, batch_size: int, gen: torch.Generator, bar,
-             objective: Objective | None = None) -> list[dict]:
+             objective: Objective | None = None, pre: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """The update loop of one step; returns every update's loss terms (and, given the run's
     ``objective``, the higher-order term of Theorem 6 as ``o_eta_over_eta`` on every
-    :data:`HIGHER_ORDER_EVERY`-th update, NaN on the others)."""
+    :data:`HIGHER_ORDER_EVERY`-th update, NaN on the others). ``pre``: :func:`weight_inputs` of ``train``."""
     records: list[dict[str, torch.Tensor]] = []
     update = 0
     # a strategy that evaluates the closure more than once (C-Flat's perturbed pass, say) may leave
@@ -122,11 +148,12 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
     for epoch in range(epochs):
         for rows in iter_batches(len(train), batch_size, gen):
             batch = train.select(rows)
+            batch_pre = {s: take_rows(t, rows) for s, t in (pre or {}).items()}
 
             def closure():
                 for p in trained:
                     p.grad = None
-                out = learners.forward_pairs(batch, strategy.extra_inputs(batch))
+                out = learners.forward_pairs(batch, strategy.extra_inputs(batch), batch_pre)
                 out.epoch, out.update = epoch, update
                 if strategy.output_grads:  # d loss / d u and d v, on out.u.grad and out.v.grad
                     for t in (out.u, out.v):
@@ -203,6 +230,9 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
     transforms = dict(strategy.weight_grad_inputs(step))
     learners.grad_inputs.update(transforms)  # installed for this step only
     try:
+        t0 = time.perf_counter()
+        pre = weight_inputs(train, transforms)  # the strategy's per-step work too
+        hook_seconds += time.perf_counter() - t0
         opt = build_optimizer(learners, harness, frozen=frozen, extra=strategy.optimizer_groups(step))
         decay = (lambda u: max(0.0, (total - u) / total)) if harness.linear_decay else (lambda u: 1.0)
         # the schedule and the clipping apply to the learners; a strategy's extra groups keep their lr
@@ -212,7 +242,7 @@ def fit_step(learners: ModalityLearners, strategy: Strategy, step: StepInfo, dat
         records = _updates(learners, strategy, train, opt, sched, trained, clipped, harness, epochs=epochs,
                            batch_size=batch_size, gen=torch.Generator().manual_seed(derive_seed(step.seed, 1)),
                            bar=tqdm(total=total, desc=f"step {step.index} {step.key}", unit="upd", leave=False,
-                                    disable=not progress, mininterval=0.5), objective=objective)
+                                    disable=not progress, mininterval=0.5), objective=objective, pre=pre)
     finally:
         for m in frozen:
             learners[m].requires_grad_(True)

@@ -119,7 +119,8 @@ class Strategy:
     name: ClassVar[str] = ""
     #: Per-backbone overrides of hyperparameter defaults (e.g. DNS's ``lambda_min``).
     backbone_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
-    #: Whether hooks read ``out.u.grad`` / ``out.v.grad`` (the trainer then retains them).
+    #: Whether hooks read ``out.u.grad`` / ``out.v.grad`` (the trainer then retains them, two (B, d)
+    #: copies per update); a strategy may set it per step in ``before_step``.
     output_grads: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
@@ -144,7 +145,9 @@ class Strategy:
 
     def weight_grad_inputs(self, step: StepInfo) -> Mapping[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Per modality, a map of the inputs from which the trainer's backward computes the *weight*
-        gradient during ``step`` (outputs and other gradients are unchanged): DNS's fused projection."""
+        gradient during ``step`` (outputs and other gradients are unchanged): DNS's fused projection.
+        Each map is row-wise (an output row depends on its input row only): the trainer applies it
+        to all of the step's rows at once where memory allows (``trainer.weight_inputs``)."""
         return {}
 
     def optimizer_groups(self, step: StepInfo) -> list[dict[str, Any]]:

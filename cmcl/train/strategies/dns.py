@@ -28,8 +28,9 @@ whole affine learner (finding 5).
 
 Speed: with ``Q = I`` (the default), the projected gradient is ``G − G P = δᵀ (X − X P)``, so when the
 trainer does not clip gradients DNS hands autograd the projected inputs for the weight gradient
-(its ``weight_grad_inputs`` hook) and the projection costs O(B·d·k) per batch instead of a d×d
-correction. It is the same update; ``fused=False`` turns it off. With clipping (reference harness)
+(its ``weight_grad_inputs`` hook): the trainer projects the step's rows once, O(N·d·k) per step,
+and each batch gathers its rows of X (I − P), instead of a d×d correction per batch. It is the
+same update; ``fused=False`` turns it off. With clipping (reference harness)
 the hook route runs, which projects the clipped raw gradient as the authors do. The output
 covariances are accumulated only when something reads them (``lambda_left > 0`` or
 ``energy_out``), and a step reuses the Gram matrix of rows an earlier step of the same dataset
@@ -62,7 +63,7 @@ class DNS(Strategy):
     """Dual-sided null-space projection of the active learners' gradients."""
 
     name = "dns"
-    output_grads = True   # dL/du, dL/dv on out: the rank-B route
+    output_grads = True   # dL/du, dL/dv on out for the hook route's rank-B product; off on steps without it
     # The paper's thresholds; synthetic's is ours (docs/synthetic.md): its per-dataset energy is
     # spread over ~16 directions and diluted by later datasets, so 0.01 keeps fewer of them.
     backbone_defaults = {
@@ -131,6 +132,9 @@ class DNS(Strategy):
                     and not right.is_zero):
                 self._fused_now.add(m)
         self._ranks["dns/fused"] = float(len(self._fused_now))
+        # retaining dL/du and dL/dv costs two (B, d) copies per update: only the hook route reads them
+        self.output_grads = self.project == "gradient" and any(
+            not (left.is_zero or right.is_zero) and m not in self._fused_now for m, (left, right) in self._proj.items())
 
     def weight_grad_inputs(self, step: StepInfo) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The fused route: the trainer computes the weight gradient of these learners from X (I − P)."""
