@@ -100,10 +100,10 @@ def micro(rows: int, dim: int, rank: int, chunks: int = 60, batch: int = 64) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=16)
-    ap.add_argument("--rank", type=int, default=40)
-    ap.add_argument("--rows", type=int, default=4000)
-    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=16, help="repetitions of the three routes (default 16)")
+    ap.add_argument("--rank", type=int, default=40, help="directions DNS protects on each learner (default 40)")
+    ap.add_argument("--rows", type=int, default=4000, help="pairs per step (default 4000)")
+    ap.add_argument("--dim", type=int, default=1024, help="embedding width (default 1024)")
     ap.add_argument("--micro", action="store_true", help="time one learner's update per route instead of whole steps")
     args = ap.parse_args()
     if args.micro:
