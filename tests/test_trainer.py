@@ -159,7 +159,7 @@ def test_extra_rows_share_the_batchs_product_and_get_their_outputs_and_gradients
              "audio": torch.randn(4, 6, generator=gen)}
     calls = []
     real = learners._linear
-    learners._linear = lambda m, x: calls.append((m, len(x))) or real(m, x)
+    learners._linear = lambda m, x, *rest: calls.append((m, len(x))) or real(m, x, *rest)
     out = learners.forward_pairs(mixed, extra)
     # text's extra rows ride with its first product (side a's six rows), not a product of their own
     assert sorted(calls) == [("audio", 6 + 4), ("text", 4), ("text", 6 + 3), ("video", 4 + 2)]

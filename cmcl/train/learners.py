@@ -102,7 +102,7 @@ class ModalityLearners(nn.Module):
         def linear(m: str, rows_x: torch.Tensor) -> torch.Tensor:
             more = extra.pop(m, None)
             if more is None:
-                return self._linear(m, rows_x) if xg is None else self._linear(m, rows_x, xg)
+                return self._linear(m, rows_x, xg)
             y = self._linear(m, torch.cat([rows_x, more]))
             outputs[m] = y[len(rows_x):]
             return y[:len(rows_x)]
