@@ -6,12 +6,15 @@ Writes the cache at scale 1.0 (about 227k training pairs over the 11 steps), the
 strategy for one seed with the paper's settings (5 epochs, batch 64, AdamW) and prints wall-clock
 seconds for the whole run and per step (training, evaluation), and each run's peak memory.
 
-By default (``--schedule interleaved``) every strategy's run is its own spawned process and the
-runs take turns step by step: the first run trains step 1 while the others wait, then the second
-run trains its step 1, and so on. A run's times count only its turns. So all strategies see the
-machine in the same state at each step, and a slow spell of the machine (2-core VMs here drift by
-±20 % over minutes) no longer lands on one strategy only. ``--schedule sequential`` trains one
-whole run after the other in this process, as the earlier measurements did.
+By default (``--schedule alternating``) every strategy's run is its own spawned process and the
+runs take turns step by step, in an order that reverses at every step: with dns and vanilla,
+dns trains step 1, then vanilla steps 1 and 2, then dns steps 2 and 3, and so on (A B B A A B ...).
+A run's times count only its turns. So all strategies see the machine in the same state at each
+step, a slow spell of the machine (2-core VMs here drift by ±20 % over minutes) no longer lands on
+one strategy only, and neither does whatever going first at a step costs (a steady drift cancels
+within each pair of steps). ``--schedule interleaved`` keeps one order at every step (A B A B ...,
+runs 10-15 in docs/performance.md); ``--schedule sequential`` trains one whole run after the
+other in this process, as the earlier measurements did.
 """
 
 from __future__ import annotations
@@ -79,22 +82,22 @@ def run_strategy(out: Path, name: str, *, epochs: int = 5, device: str = "cpu", 
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # kB on Linux
 
 
-def _turns(out: Path, name: str, epochs: int, device: str, ready, mine, following, steps: int, results) -> None:
-    """A spawned worker: run ``name``, training only while holding the turn (``mine``); after each
-    step but the last the turn goes to the next run (``following``), and after the run ends too.
-    ``ready`` tells the parent that this process has imported everything (the first turn starts
-    only when every worker has, so that no import competes with a timed step)."""
+def _turns(out: Path, name: str, epochs: int, device: str, ready, go, done, steps: int, results) -> None:
+    """A spawned worker: run ``name``, training only while it holds the turn, which the parent
+    gives with ``go``. After each step but the last the worker gives the turn back (``done``), and
+    after the run ends too. ``ready`` tells the parent that this process has imported everything (the
+    first turn starts only when every worker has, so that no import competes with a timed step)."""
     ready.set()
-    mine.wait()
-    mine.clear()
+    go.wait()
+    go.clear()
 
     def hand_over(run: Path, index: int) -> float:
         if index == 0 or index == steps:   # the initial scoring joins step 1's turn; the end is below
             return 0.0
         t0 = time.perf_counter()
-        following.set()
-        mine.wait()
-        mine.clear()
+        done.set()
+        go.wait()
+        go.clear()
         return time.perf_counter() - t0
 
     try:
@@ -103,40 +106,64 @@ def _turns(out: Path, name: str, epochs: int, device: str, ready, mine, followin
         results.put((name, repr(exc)))
         raise SystemExit(1) from None
     finally:
-        following.set()
+        done.set()
 
 
-def run_interleaved(out: Path, names: list[str], *, epochs: int, device: str) -> dict[str, dict]:
+def turn_order(names: list[str], steps: int, schedule: str) -> list[tuple[int, str]]:
+    """The turns as (step, strategy): every strategy's step k before any strategy's step k+1; the
+    order within a step is ``names`` for ``interleaved`` and reverses at every step for
+    ``alternating`` (A B, B A, A B, ...)."""
+    return [(k, n) for k in range(1, steps + 1)
+            for n in (names[::-1] if schedule == "alternating" and k % 2 == 0 else names)]
+
+
+def run_interleaved(out: Path, names: list[str], *, epochs: int, device: str,
+                    schedule: str = "alternating") -> dict[str, dict]:
     """Every strategy's run in its own process, taking turns step by step (see the module doc)."""
     from cmcl.data.protocol import load_protocol
 
     steps = len(load_protocol("paper11"))
     ctx = mp.get_context("spawn")
-    turns, ready = [ctx.Event() for _ in names], [ctx.Event() for _ in names]
+    go, done, ready = ([ctx.Event() for _ in names] for _ in range(3))
     results = ctx.Queue()
-    procs = [ctx.Process(target=_turns, args=(out, n, epochs, device, ready[i], turns[i], turns[(i + 1) % len(names)],
-                                              steps, results), daemon=True) for i, n in enumerate(names)]
-    for p in procs:
-        p.start()
+    procs = [ctx.Process(target=_turns, args=(out, n, epochs, device, ready[i], go[i], done[i], steps, results),
+                         daemon=True) for i, n in enumerate(names)]
     found: dict[str, dict] = {}
-    try:
-        for p, r in zip(procs, ready):
-            while not r.wait(timeout=5):
-                if p.exitcode is not None:
-                    raise SystemExit(f"bench_protocol: a worker died while starting (exit code {p.exitcode})")
-        turns[0].set()
-        while len(found) < len(names):
+
+    def collect(block: bool) -> None:
+        while True:
             try:
-                name, r = results.get(timeout=5)
+                name, r = results.get(timeout=5) if block else results.get_nowait()
             except queue.Empty:
-                dead = [n for n, p in zip(names, procs) if p.exitcode not in (None, 0) and n not in found]
-                if dead:
-                    raise SystemExit(f"bench_protocol: the {dead[0]} run died (exit code "
-                                     f"{procs[names.index(dead[0])].exitcode})") from None
-                continue
+                return
             if isinstance(r, str):
                 raise SystemExit(f"bench_protocol: the {name} run failed: {r}")
             found[name] = r
+            block = False
+
+    def wait_for(event, i: int, what: str) -> None:
+        while not event.wait(timeout=5):
+            if procs[i].exitcode is not None:
+                collect(block=True)   # a failure it reported names its exception
+                raise SystemExit(f"bench_protocol: the {names[i]} run died {what} (exit code {procs[i].exitcode})")
+        event.clear()
+
+    for p in procs:
+        p.start()
+    try:
+        for i in range(len(names)):
+            wait_for(ready[i], i, "while starting")
+        for step, name in turn_order(names, steps, schedule):
+            i = names.index(name)
+            go[i].set()
+            wait_for(done[i], i, f"at step {step}")
+            collect(block=False)
+        while len(found) < len(names):
+            collect(block=True)
+            dead = [n for n, p in zip(names, procs) if p.exitcode not in (None, 0) and n not in found]
+            if dead:
+                raise SystemExit(f"bench_protocol: the {dead[0]} run died at its end "
+                                 f"(exit code {procs[names.index(dead[0])].exitcode})")
         for p in procs:
             p.join()
     finally:
@@ -154,8 +181,9 @@ def main() -> None:
     ap.add_argument("--strategies", default="dns,vanilla")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--schedule", default="interleaved", choices=("interleaved", "sequential"),
-                    help="interleaved: the runs take turns step by step, one process each (default); "
+    ap.add_argument("--schedule", default="alternating", choices=("alternating", "interleaved", "sequential"),
+                    help="alternating: the runs take turns step by step, one process each, in an order that "
+                         "reverses at every step (default); interleaved: the same, in one order at every step; "
                          "sequential: one whole run after the other, in this process")
     args = ap.parse_args()
     names = args.strategies.split(",")
@@ -166,8 +194,8 @@ def main() -> None:
             raise SystemExit(f"bench_protocol: {exc}") from None
     seconds = write_features(args.out, args.dim, args.scale)
     print(f"extract: {seconds:.1f} s (scale {args.scale}, d={args.dim}); schedule {args.schedule}")
-    if args.schedule == "interleaved":
-        done = run_interleaved(args.out, names, epochs=args.epochs, device=args.device)
+    if args.schedule != "sequential":
+        done = run_interleaved(args.out, names, epochs=args.epochs, device=args.device, schedule=args.schedule)
     else:
         done = {n: run_strategy(args.out, n, epochs=args.epochs, device=args.device) for n in names}
     for name, r in done.items():
