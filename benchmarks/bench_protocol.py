@@ -13,7 +13,7 @@ A run's times count only its turns. So all strategies see the machine in the sam
 step, a slow spell of the machine (2-core VMs here drift by ±20 % over minutes) no longer lands on
 one strategy only, and neither does whatever going first at a step costs (a steady drift cancels
 within each pair of steps). ``--schedule interleaved`` keeps one order at every step (A B A B ...,
-runs 10-15 in docs/performance.md); ``--schedule sequential`` trains one whole run after the
+runs 7-15 and 19-20 in docs/performance.md); ``--schedule sequential`` trains one whole run after the
 other in this process, as the earlier measurements did.
 """
 
@@ -175,12 +175,13 @@ def run_interleaved(out: Path, names: list[str], *, epochs: int, device: str,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--strategies", default="dns,vanilla")
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the cache (OUT/features) and the runs (OUT/runs)")
+    ap.add_argument("--dim", type=int, default=1024, help="embedding width (default 1024, the paper's)")
+    ap.add_argument("--scale", type=float, default=1.0, help="the paper's split sizes times this (default 1.0)")
+    ap.add_argument("--strategies", default="dns,vanilla", help="comma-separated, in the order of the first turns "
+                                                                 "(default dns,vanilla)")
+    ap.add_argument("--epochs", type=int, default=5, help="epochs per step (default 5, the paper's)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     ap.add_argument("--schedule", default="alternating", choices=("alternating", "interleaved", "sequential"),
                     help="alternating: the runs take turns step by step, one process each, in an order that "
                          "reverses at every step (default); interleaved: the same, in one order at every step; "
