@@ -6,8 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cmcl.data.features import (FeatureShard, FeatureWriter, ShardMeta, list_cache, open_split, shard_path,
-                                write_split)
+from cmcl.data import features
+from cmcl.data.features import (FeatureShard, FeatureWriter, ShardMeta, check_embeddings, check_split, list_cache,
+                                open_split, shard_path, write_split)
 from cmcl.errors import CacheError
 
 
@@ -169,3 +170,77 @@ def test_file_written_by_another_tool_as_documented(tmp_path):
     feats = open_split(tmp_path / "features", "mymodel", "esc50", "test")
     assert len(feats) == n and feats.meta.cmcl_version == "mytool 1.0"
     np.testing.assert_array_equal(feats.class_emb, class_text_emb)
+
+
+def test_the_value_check_flags_exactly_the_arrays_with_a_non_finite_value():
+    """The one-pass check (row sums of squares) against the definition, ``np.isfinite(x).all()``:
+    every NaN or infinity is found in its first row, and finite values large enough to overflow
+    the squares are not mistaken for one."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        x = rng.standard_normal((int(rng.integers(1, 40)), 16)).astype(np.float32)
+        if trial % 3:
+            bad = rng.choice(x.size, size=int(rng.integers(1, 4)), replace=False)
+            x.flat[bad] = rng.choice([np.nan, np.inf, -np.inf], size=len(bad))
+        if trial % 4 == 0:
+            x[rng.integers(len(x))] *= 1e30   # finite, but its square overflows float32
+        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if len(rows) == 0:
+            check_embeddings(x, "x", normalized=False)
+            continue
+        with pytest.raises(CacheError, match=rf"x: non-finite values \(NaN or inf\), first in row {rows[0] + 7}$"):
+            check_embeddings(x, "x", normalized=False, first_row=7)
+    with pytest.raises(CacheError, match="row 2 has norm inf"):
+        check_embeddings(np.array([[1, 0], [0, 1], [3e30, 0]], np.float32), "x", normalized=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_split_checked_block_by_block_fails_as_loading_it_does(tmp_path, dtype, monkeypatch):
+    path, emb = write_toy(tmp_path, n=20)
+    with h5py.File(path, "a") as f:
+        data = f["emb/audio"][()]
+        del f["emb/audio"]
+        f.create_dataset("emb/audio", data=data.astype(dtype))
+    monkeypatch.setattr(features, "_CHECK_BLOCK_BYTES", 3 * 4 * 8)   # blocks of 3 rows of 8 floats
+    assert check_split(tmp_path, "anybackbone", "toy", "train").dim == 8
+    for row, value, problem in ((13, np.nan, "non-finite values"), (19, 2.0, "declared normalized")):
+        with h5py.File(path, "a") as f:
+            f["emb/audio"][row, 5] = value
+        messages = []
+        for read in (open_split, check_split):
+            with pytest.raises(CacheError) as err:
+                read(tmp_path, "anybackbone", "toy", "train")
+            messages.append(str(err.value))
+        assert messages[0] == messages[1] and f"/emb/audio: {problem}" in messages[0] and f"row {row}" in messages[0]
+        with h5py.File(path, "a") as f:
+            f["emb/audio"][row] = data[row]
+
+
+def test_checking_a_protocol_holds_no_train_split_whole(tmp_path, monkeypatch):
+    """``StepData.check`` validates every train split before training starts, a block at a time:
+    the memory it allocates stays far below one train split's embeddings."""
+    import tracemalloc
+
+    from cmcl.data.paired import StepData
+    from cmcl.data.protocol import load_protocol
+    from cmcl.extract.synthetic import SyntheticConfig, write_synthetic
+
+    write_synthetic(tmp_path / "f", SyntheticConfig(dim=256, scale=0.05, seed=0))
+    proto = tmp_path / "p.toml"
+    proto.write_text('name = "p"\n[datasets]\nnyudv2 = { metrics = ["recall"] }\n'
+                     '[[step]]\ndataset = "nyudv2"\nmodalities = ["vision", "depth"]\n')
+    data = StepData(tmp_path / "f", "synthetic", load_protocol(str(proto)))
+    data.test_sets()
+    split_bytes = sum(x.nbytes for x in open_split(tmp_path / "f", "synthetic", "nyudv2", "train").emb.values())
+    monkeypatch.setattr(features, "_CHECK_BLOCK_BYTES", 64 << 10)
+    tracemalloc.start()
+    try:
+        data.check()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert split_bytes > (2 << 20) and peak < split_bytes / 4, (peak, split_bytes)
+    with h5py.File(tmp_path / "f" / "synthetic" / "nyudv2" / "train.h5", "a") as f:
+        f["emb/depth"][len(f["emb/depth"]) - 1, 0] = np.inf
+    with pytest.raises(CacheError, match=r"nyudv2/train.h5: /emb/depth: non-finite"):
+        StepData(tmp_path / "f", "synthetic", load_protocol(str(proto))).check()

@@ -9,7 +9,8 @@ reference implementation.
 Writing goes through :class:`FeatureWriter`, which fills ``<file>.partial`` and moves it into
 place only after validation, so a reader never sees a half-written file. Reading goes through
 :func:`open_split` (or :class:`FeatureShard` for one file), which validates everything it loads
-and raises :class:`~cmcl.errors.CacheError` naming the file and the problem.
+and raises :class:`~cmcl.errors.CacheError` naming the file and the problem; :func:`check_split`
+runs the same validation a block of rows at a time, holding none of the split.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ NORM_TOLERANCE = 1e-3
 _STR = h5py.string_dtype("utf-8")
 _SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.h5$")
 _ROW_CHUNK_BYTES = 1 << 20
+#: Bytes of embeddings held at once when a file's values are checked without loading it.
+_CHECK_BLOCK_BYTES = 32 << 20
 
 
 def shard_path(root: str | os.PathLike, backbone: str, dataset: str, split: str,
@@ -118,7 +121,12 @@ class SplitFeatures:
     @property
     def where(self) -> str:
         """The file (or shard pattern) this split came from, for error messages."""
-        return str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} shards)"
+        return where_of(self.paths)
+
+
+def where_of(paths: Sequence[Path]) -> str:
+    """A split's files as error messages name them: the file, or the first shard and how many more."""
+    return str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} shards)"
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -435,6 +443,27 @@ class FeatureShard:
         self._check_emb_dataset(ds, f"emb/{modality}", len(self))
         return np.asarray(self._read(f"emb/{modality}"), dtype=np.float32)
 
+    def check_values(self, modality: str, *, block_bytes: int | None = None) -> None:
+        """Check the values of ``modality``'s embeddings as :meth:`load` would (finite; unit rows when
+        the shard is declared normalized), reading them a block of rows at a time into one buffer, so
+        that a large file is checked without holding it (or paying for fresh memory) whole."""
+        if modality not in self.meta.modalities:
+            raise self._fail(f"has no modality {modality!r} (it holds {list(self.meta.modalities)})")
+        name = f"emb/{modality}"
+        ds = self._dataset(name)
+        n, d = len(self), self.meta.dim
+        self._check_emb_dataset(ds, name, n)
+        rows = max(1, (block_bytes or _CHECK_BLOCK_BYTES) // (4 * d))
+        buffer = np.empty((min(rows, n), d), dtype=np.float32)
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            block = buffer[:hi - lo]
+            try:
+                ds.read_direct(block, np.s_[lo:hi], np.s_[0:hi - lo])
+            except (OSError, ValueError, TypeError) as exc:
+                raise self._fail(f"cannot read /{name} (corrupt or truncated file?): {exc}") from None
+            check_embeddings(block, f"{self.path}: /{name}", self.meta.normalized, first_row=lo)
+
     def _check_emb_dataset(self, ds: h5py.Dataset, name: str, n: int) -> None:
         if ds.dtype not in (np.float32, np.float16):
             raise self._fail(f"/{name} has dtype {ds.dtype}, expected float32 or float16")
@@ -476,7 +505,7 @@ class FeatureShard:
             raise self._fail(f"/text has {len(text)} rows, /ids has {n}")
         for m in (modalities or self.meta.modalities):
             if embeddings:
-                check_embeddings(self.load(m), f"{self.path}: /emb/{m}", self.meta.normalized)
+                self.check_values(m)
             elif m not in self.meta.modalities:
                 raise self._fail(f"has no modality {m!r} (it holds {list(self.meta.modalities)})")
             else:
@@ -497,17 +526,25 @@ def _first_duplicate(ids: np.ndarray) -> str:
     return ""
 
 
-def check_embeddings(x: np.ndarray, where: str, normalized: bool) -> None:
-    """Raise :class:`CacheError` if ``x`` has non-finite values or (when ``normalized``) non-unit rows."""
-    finite = np.isfinite(x)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise CacheError(f"{where}: non-finite values (NaN or inf), first in row {bad}")
+def check_embeddings(x: np.ndarray, where: str, normalized: bool, *, first_row: int = 0) -> None:
+    """Raise :class:`CacheError` if ``x`` has non-finite values or (when ``normalized``) non-unit rows.
+
+    One pass computes every row's sum of squares, which is not finite exactly when the row holds a
+    NaN or an infinity, or when its finite values are so large that the squares overflow; only such
+    rows are then checked value by value. Rows are numbered from ``first_row`` in the messages
+    (for a block of a longer array).
+    """
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float32) if len(x) else np.zeros(0, np.float32)
+    suspect = np.flatnonzero(~np.isfinite(sq))
+    if len(suspect):
+        bad = suspect[~np.isfinite(x[suspect]).all(axis=1)]
+        if len(bad):
+            raise CacheError(f"{where}: non-finite values (NaN or inf), first in row {first_row + int(bad[0])}")
     if normalized and len(x):
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # float32 is ample for the 1e-3 tolerance
+        norms = np.sqrt(sq)  # float32 is ample for the 1e-3 tolerance
         worst = int(np.argmax(np.abs(norms - 1.0)))
         if abs(norms[worst] - 1.0) > NORM_TOLERANCE:
-            raise CacheError(f"{where}: declared normalized but row {worst} has norm {norms[worst]:.4f}")
+            raise CacheError(f"{where}: declared normalized but row {first_row + worst} has norm {norms[worst]:.4f}")
 
 
 def split_files(root: str | os.PathLike, backbone: str, dataset: str, split: str) -> list[Path]:
@@ -559,8 +596,25 @@ def open_split(root: str | os.PathLike, backbone: str, dataset: str, split: str,
     return load_files(paths, modalities)
 
 
+def check_split(root: str | os.PathLike, backbone: str, dataset: str, split: str,
+                modalities: Iterable[str] | None = None) -> ShardMeta:
+    """Validate a split exactly as :func:`open_split` does, without keeping it: the embeddings are
+    read and checked a block at a time. Returns the split's metadata (of its first shard).
+
+    Raises:
+        CacheError: as :func:`open_split`.
+    """
+    return _read_files(split_files(root, backbone, dataset, split), modalities, keep=False).meta
+
+
 def load_files(paths: Sequence[Path], modalities: Iterable[str] | None = None) -> SplitFeatures:
     """Load one split stored in ``paths`` (one file or its shards, in order)."""
+    return _read_files(paths, modalities, keep=True)
+
+
+def _read_files(paths: Sequence[Path], modalities: Iterable[str] | None, *, keep: bool) -> SplitFeatures:
+    """Read and validate one split; with ``keep=False`` the embeddings are checked block by block
+    and left out of the result (``emb`` is empty)."""
     ids, labels, texts = [], [], []
     embs: dict[str, list[np.ndarray]] = {}
     meta0: ShardMeta | None = None
@@ -593,6 +647,9 @@ def load_files(paths: Sequence[Path], modalities: Iterable[str] | None = None) -
             t = shard.text
             texts.append(t)
             for m in wanted:
+                if not keep:
+                    shard.check_values(m)
+                    continue
                 x = shard.load(m)
                 check_embeddings(x, f"{path}: /emb/{m}", meta.normalized)
                 embs.setdefault(m, []).append(x)

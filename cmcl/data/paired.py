@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from cmcl.data.features import SplitFeatures, open_split
+from cmcl.data.features import SplitFeatures, check_split, open_split, split_files, where_of
 from cmcl.data.protocol import Protocol, ProtocolStep
 from cmcl.errors import ProtocolError
 
@@ -182,24 +182,32 @@ class StepData:
     def _open(self, dataset: str, split: str) -> SplitFeatures:
         feats = open_split(self.root, self.backbone, dataset, split,
                            modalities=self.protocol.modalities_of(dataset))
-        if self.dim is None:
-            self.dim = feats.meta.dim
-        elif feats.meta.dim != self.dim:
-            raise ProtocolError(f"{feats.where}: dim {feats.meta.dim} differs from the other splits ({self.dim})")
+        self._same_dim(feats.meta.dim, feats.where)
         return feats
 
-    def check(self) -> None:
-        """Open every split the protocol needs and validate modalities, dims and values.
+    def _same_dim(self, dim: int, place: str) -> None:
+        if self.dim is None:
+            self.dim = dim
+        elif dim != self.dim:
+            raise ProtocolError(f"{place}: dim {dim} differs from the other splits ({self.dim})")
 
-        Runs before training so that a bad file fails the run at once, not hours later.
+    def check(self) -> None:
+        """Validate every split the protocol needs: modalities, dims and values.
+
+        Runs before training so that a bad file fails the run at once, not hours later. The test
+        splits are loaded (and kept); the train splits are checked a block at a time and loaded
+        later, each by its first step, so that at most one is held in memory.
         """
         self.test_sets()
         for dataset in self.protocol.datasets:
-            self._open(dataset, "train")
+            meta = check_split(self.root, self.backbone, dataset, "train",
+                               modalities=self.protocol.modalities_of(dataset))
+            self._same_dim(meta.dim, where_of(split_files(self.root, self.backbone, dataset, "train")))
 
     def train(self, step: ProtocolStep) -> PairedFeatures:
         """The training pairs of ``step``."""
         if self._train is None or self._train[0] != step.dataset:
+            self._train = None   # the split held so far goes before the next is read (one at a time)
             self._train = (step.dataset, self._open(step.dataset, "train"))
         feats = self._train[1]
         a, b = step.modalities
