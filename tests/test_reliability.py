@@ -258,36 +258,6 @@ def test_a_full_disk_while_writing_a_step_is_one_line_and_resumable(cache, unint
     pd.testing.assert_frame_equal(results(run), uninterrupted)
 
 
-def test_a_failure_while_scoring_a_step_leaves_it_unwritten_and_resumable(cache, uninterrupted, tmp_path, monkeypatch):
-    """The checkpoint of a step is staged while the step is scored: when the scoring fails, the
-    staged files go with it and the run resumes from the last finished step."""
-    from cmcl import pipeline
-
-    root, proto = cache
-    runs = tmp_path / "runs"
-    args = train_args(root, proto, runs, "--strategy", "dns")
-    real = pipeline.step_scorer
-
-    def step_scorer(plan):
-        score = real(plan)
-
-        def failing(learners, trained_through):
-            if trained_through == 2:
-                raise MemoryError("scoring step 2")
-            return score(learners, trained_through)
-        return failing
-
-    monkeypatch.setattr(pipeline, "step_scorer", step_scorer)
-    with pytest.raises(MemoryError, match="scoring step 2"):
-        invoke(*args)
-    run = runs / "synthetic" / "dns" / "seed-0"
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "step-00", "step-01"]
-    monkeypatch.setattr(pipeline, "step_scorer", real)
-    r = invoke(*args, "--resume")
-    assert r.exit_code == 0, r.output
-    pd.testing.assert_frame_equal(results(run), uninterrupted)
-
-
 def test_an_unwritable_runs_folder_is_one_line(cache, tmp_path, monkeypatch):
     root, proto = cache
     runs = tmp_path / "runs"

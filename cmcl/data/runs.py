@@ -92,18 +92,9 @@ def read_json(path: Path) -> Any:
 
 def write_step(run: Path, index: int, *, learners: torch.nn.Module | None, strategy_state: dict | None,
                eval_rows: list[dict], losses: pd.DataFrame | None = None, metrics: dict | None = None) -> Path:
-    """Write a finished step's folder atomically (files into ``step-NN.tmp``, then rename):
-    :func:`stage_step` then :func:`finish_step`."""
-    stage_step(run, index, learners=learners, strategy_state=strategy_state, losses=losses)
-    return finish_step(run, index, eval_rows=eval_rows, metrics=metrics)
-
-
-def stage_step(run: Path, index: int, *, learners: torch.nn.Module | None, strategy_state: dict | None,
-               losses: pd.DataFrame | None = None) -> Path:
-    """Write a step's large files (learners, strategy state, losses) into ``step-NN.tmp``, where
-    :func:`finish_step` completes them; returns that folder. Nothing here depends on the step's
-    evaluation, so the trainer stages a step while it scores it. On failure no folder is left."""
-    tmp = _step_tmp(run, index)
+    """Write a finished step's folder atomically (files into ``step-NN.tmp``, then rename)."""
+    final = step_dir(run, index)
+    tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -113,39 +104,18 @@ def stage_step(run: Path, index: int, *, learners: torch.nn.Module | None, strat
             save_file(state, str(tmp / "learners.safetensors"))
         if strategy_state is not None:
             torch.save(strategy_state, tmp / "strategy.pt")
+        pd.DataFrame(eval_rows, columns=EVAL_COLUMNS).to_csv(tmp / "eval.csv", index=False)
         if losses is not None:
             losses.to_csv(tmp / "losses.csv", index=False)
-    except BaseException:  # a full disk, say: no half-written step is left, the previous steps stay usable
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
-def finish_step(run: Path, index: int, *, eval_rows: list[dict], metrics: dict | None = None) -> Path:
-    """Add the evaluation rows (and metrics) to the step staged by :func:`stage_step` and move it
-    into place with one rename; returns the step folder. On failure the staged files are removed."""
-    final, tmp = step_dir(run, index), _step_tmp(run, index)
-    try:
-        pd.DataFrame(eval_rows, columns=EVAL_COLUMNS).to_csv(tmp / "eval.csv", index=False)
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException:  # a full disk, say: no half-written step is left, the previous steps stay usable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def discard_staged(run: Path, index: int) -> None:
-    """Remove what :func:`stage_step` wrote for a step that will not be finished."""
-    shutil.rmtree(_step_tmp(run, index), ignore_errors=True)
-
-
-def _step_tmp(run: Path, index: int) -> Path:
-    final = step_dir(run, index)
-    return final.with_name(final.name + ".tmp")
 
 
 def load_learners(path: Path, learners: torch.nn.Module, *, absent_ok: Iterable[str] = ()) -> None:

@@ -14,7 +14,6 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -404,28 +403,17 @@ def train_run(plan: RunPlan, root: str | Path, *, score: Score, resume: bool = F
             train = data.train(step).to(device)
             result = fit_step(learners, strategy, info, train, harness=h, epochs=cfg.epochs,
                               batch_size=cfg.batch_size, progress=progress, objective=objective)
-            # The checkpoint is written while the step is scored: both only read the learners and
-            # the strategy's state, which nothing changes until the next step.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmcl-checkpoint") as writer:
-                staged = writer.submit(runs.stage_step, run, step.index, learners=learners,
-                                       strategy_state=strategy.state_dict(), losses=result.losses)
-                t0 = time.perf_counter()
-                try:
-                    rows = score(learners, step.index)
-                except BaseException:
-                    wait([staged])
-                    runs.discard_staged(run, step.index)
-                    raise
-                eval_seconds = time.perf_counter() - t0
-                staged.result()   # raises what writing raised (a full disk, say)
+            t0 = time.perf_counter()
+            rows = score(learners, step.index)
             losses = {k: float(np.nanmean(result.losses[k])) for k in result.losses.columns if k.endswith("_loss")}
             metrics = {"step": step.index, "dataset": step.dataset, "pair": step.pair, "n_train": len(train),
                        "updates": result.updates, "train_seconds": result.seconds,
                        "strategy_seconds": result.strategy_seconds, "machine": where,
-                       "eval_seconds": eval_seconds, "mean_losses": losses, "report": strategy.report()}
+                       "eval_seconds": time.perf_counter() - t0, "mean_losses": losses, "report": strategy.report()}
             if "o_eta_over_eta" in result.losses:
                 metrics["o_eta_over_eta"] = float(np.nanmean(result.losses["o_eta_over_eta"]))
-            runs.finish_step(run, step.index, eval_rows=rows, metrics=metrics)
+            runs.write_step(run, step.index, learners=learners, strategy_state=strategy.state_dict(),
+                            eval_rows=rows, losses=result.losses, metrics=metrics)
             if keep_states == "last":
                 (runs.step_dir(run, step.index - 1) / "strategy.pt").unlink(missing_ok=True)
             if on_step is not None:
