@@ -162,3 +162,20 @@ def test_distinct_rows_come_in_order_of_first_occurrence():
     first, inverse, _ = retrieval.distinct_index(x[[4, 3, 0]])       # no repeats: the identity
     assert retrieval.is_identity(first) and retrieval.is_identity(inverse)
     assert not retrieval.is_identity(np.array([0, 2, 1])) and not retrieval.is_identity(np.array([1, 2]))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("shape, most", [((40, 30), 1), ((40, 30), 9), ((3, 70_000), 1), ((20, 10), 1 << 22)])
+def test_tallies_equal_an_integer_brute_force(axis, shape, most):
+    """Counts of marked candidates, each weighted by its multiplicity: exact in the byte sums
+    (an axis longer than uint16 counts) and in the float products (weights summing past 2^24,
+    where float32 would round)."""
+    rng = np.random.default_rng(most)
+    flags = rng.random(shape) < 0.97   # a 70,000-long row then counts past 65,535
+    counts = rng.integers(1, most + 1, size=shape[axis], dtype=np.int64)
+    if most > 1:
+        counts[0] = most   # multiplicities present (not all 1)
+    want = (flags * (counts[:, None] if axis == 0 else counts[None, :])).sum(axis=axis, dtype=np.int64)
+    got = retrieval._tally(flags, counts, axis)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)

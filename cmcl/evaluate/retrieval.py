@@ -98,10 +98,17 @@ def _subset(x: Distinct, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _tally(flags: np.ndarray, counts: np.ndarray, axis: int) -> np.ndarray:
-    """How many candidates ``flags`` marks along ``axis``, each distinct candidate ``counts`` times."""
+    """How many candidates ``flags`` marks along ``axis``, each distinct candidate ``counts`` times
+    (int64). The sums are exact: bytes summed into an integer wide enough for the axis, or, with
+    multiplicities, a BLAS product in a float that holds every partial sum exactly (whole numbers
+    below 2^24 in float32, 2^53 in float64); both take about half the time of ``count_nonzero``
+    and of an integer product."""
     if counts.max() == 1:
-        return np.count_nonzero(flags, axis=axis)
-    return flags @ counts if axis == 1 else counts @ flags
+        wide = np.uint16 if flags.shape[axis] <= np.iinfo(np.uint16).max else np.int64
+        return flags.view(np.uint8).sum(axis=axis, dtype=wide).astype(np.int64)
+    real = np.float32 if counts.sum() < 2 ** 24 else np.float64
+    weights, marks = counts.astype(real), flags.astype(real)
+    return (marks @ weights if axis == 1 else weights @ marks).astype(np.int64)
 
 
 def _count(scores: np.ndarray, partner: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
