@@ -1,0 +1,21 @@
+"""The profiling scripts of ``benchmarks/`` at a tiny size, in a fresh interpreter: every phase of a
+run is timed, and each as many times as the protocol makes it happen."""
+
+from __future__ import annotations
+
+import re
+
+from tests.helpers import run_process
+
+
+def test_the_phases_of_a_run_are_each_timed_as_often_as_they_happen(tiny_cache):
+    r = run_process(["benchmarks/profile_run_phases.py", str(tiny_cache), "--strategy", "vanilla"], timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counted = {m.group(1).strip(): int(m.group(2)) for m in re.finditer(r"^  (.+?)\s+[\d.]+ s\s+(\d+) calls$",
+                                                                          r.stdout, re.MULTILINE)}
+    # paper11: one validation, 11 steps (each loads, fits, writes), 12 scorings (step 0 too), one summary
+    assert counted == {"validate (plan_run)": 1, "load a step's train split": 11, "fit a step": 11,
+                       "score": 12, "write a step folder": 12, "write the summary": 1}, r.stdout
+    total = float(re.search(r"([\d.]+) s for train_one", r.stdout).group(1))
+    rest = float(re.search(r"the rest\s+(-?[\d.]+) s", r.stdout).group(1))
+    assert 0 <= rest < total, r.stdout
