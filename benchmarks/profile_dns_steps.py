@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 import cmcl.train.strategies.dns as dns
 import cmcl.train.trainer as trainer
+from cmcl.errors import CMCLError
 from cmcl.pipeline import train_one
 from cmcl.train.config import TrainConfig
 from cmcl.train.strategies import resolve_params
@@ -56,7 +58,11 @@ def main() -> None:
                       params=resolve_params("dns", {}, "synthetic"), label="dns", epochs=args.epochs)
     with tempfile.TemporaryDirectory() as runs:
         t0 = time.perf_counter()
-        train_one(cfg, Path(runs))
+        try:
+            train_one(cfg, Path(runs))
+        except CMCLError as exc:   # a missing or bad cache, say: one line, status 2
+            print(f"profile_dns_steps: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         total = time.perf_counter() - t0
     print(f"DNS over paper11, {args.epochs} epoch(s) per step: {total:.1f} s in all; torch threads "
           f"{torch.get_num_threads()}")

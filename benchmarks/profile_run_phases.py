@@ -16,6 +16,7 @@ one epoch is the default.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import cmcl.data.paired as paired
 import cmcl.data.runs as run_files
 import cmcl.pipeline as pipeline
 import cmcl.train.trainer as trainer
+from cmcl.errors import CMCLError
 from cmcl.train.config import TrainConfig
 from cmcl.train.strategies import resolve_params
 
@@ -51,7 +53,11 @@ def main() -> None:
                       epochs=args.epochs)
     with tempfile.TemporaryDirectory() as runs:
         t0 = time.perf_counter()
-        pipeline.train_one(cfg, Path(runs))
+        try:
+            pipeline.train_one(cfg, Path(runs))
+        except CMCLError as exc:   # a missing or bad cache, say: one line, status 2
+            print(f"profile_run_phases: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         total = time.perf_counter() - t0
     print(f"{args.strategy}, {args.epochs} epoch(s) per step: {total:.2f} s for train_one")
     for key in PHASES:

@@ -19,3 +19,11 @@ def test_the_phases_of_a_run_are_each_timed_as_often_as_they_happen(tiny_cache):
     total = float(re.search(r"([\d.]+) s for train_one", r.stdout).group(1))
     rest = float(re.search(r"the rest\s+(-?[\d.]+) s", r.stdout).group(1))
     assert 0 <= rest < total, r.stdout
+
+
+def test_a_missing_cache_is_one_line_and_status_2(tmp_path):
+    for script in ("profile_run_phases.py", "profile_dns_steps.py"):
+        r = run_process([f"benchmarks/{script}", str(tmp_path / "nothing")], timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+        assert lines[0].startswith(script[:-3] + ": ") and "no such feature file" in lines[0]
