@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -361,7 +364,8 @@ def test_fused_projection_is_not_used_when_the_trainer_clips():
 
 def test_one_sided_default_keeps_no_output_covariance_and_reuses_a_datasets_gram(monkeypatch):
     """With Q = I (the default) the output covariances are never read, so none is computed; a later
-    step of the same dataset handing over the same rows reuses their Gram matrix, other rows do not."""
+    step handing over the very same input tensor (as the loader does within a dataset) reuses its
+    Gram matrix, any other tensor does not, and the cache keeps no input alive."""
     learners = ModalityLearners(["text", "audio", "video"], D)
     dns = get_strategy("dns")
     dns.setup(learners, Objective())
@@ -370,8 +374,10 @@ def test_one_sided_default_keeps_no_output_covariance_and_reuses_a_datasets_gram
     monkeypatch.setattr(DNS, "_gram", staticmethod(lambda x: calls.append(len(x)) or gram(x)))
     x, y = low_rank_pairs(1, n=50)
     _, v = low_rank_pairs(2, n=50)
+    tx, ty, tv = (torch.from_numpy(a) for a in (x, y, v))
     steps = [StepInfo(1, "A", ("text", "audio"), 0), StepInfo(2, "A", ("text", "video"), 0)]
-    data = [PairedFeatures.from_arrays(x, y, ("text", "audio"), 1), PairedFeatures.from_arrays(x, v, ("text", "video"), 2)]
+    data = [PairedFeatures.from_arrays(tx, ty, ("text", "audio"), 1),
+            PairedFeatures.from_arrays(tx, tv, ("text", "video"), 2)]
     for step, d in zip(steps, data):
         dns.before_step(step, d)
         dns.after_step(step, d)
@@ -380,9 +386,17 @@ def test_one_sided_default_keeps_no_output_covariance_and_reuses_a_datasets_gram
     np.testing.assert_allclose(dns.cov_in["text"].numpy(), (g["x"] / 50) * (50 / 100) + g["x"] / 100, atol=1e-6)
     dns.before_step(StepInfo(3, "A", ("text", "audio"), 0), data[0])
     assert dns.report()["dns/rank_out/text"] == D          # Q = I for a trained modality
-    other = PairedFeatures.from_arrays(x.copy(), y, ("text", "audio"), 3)   # same values, other memory
+    other = PairedFeatures.from_arrays(torch.from_numpy(x.copy()), ty, ("text", "audio"), 3)  # same values
     dns.after_step(StepInfo(3, "A", ("text", "audio"), 0), other)
-    assert len(calls) == 4                                 # text again; audio's rows are step 1's
-    dns.before_step(StepInfo(4, "B", ("text", "audio"), 0), data[0])        # another dataset: cache dropped
-    dns.after_step(StepInfo(4, "B", ("text", "audio"), 0), data[0])
-    assert len(calls) == 6
+    assert len(calls) == 4                                 # text again; audio's tensor is step 1's
+    last = PairedFeatures.from_arrays(x, y, ("text", "audio"), 4)
+    dns.after_step(StepInfo(4, "A", ("text", "audio"), 0), last)
+    assert len(calls) == 6                                 # the same memory in new tensors is not recognised
+    # The cache holds its inputs weakly: once the steps' data are gone, nothing keeps them alive.
+    alive = weakref.ref(tx), weakref.ref(ty), weakref.ref(other.xa)
+    del tx, ty, tv, data, d, other
+    gc.collect()
+    assert [r() for r in alive] == [None, None, None]
+    dns.before_step(StepInfo(5, "B", ("text", "audio"), 0), last)
+    assert set(dns._grams) == {"text", "audio"}            # only step 4's inputs are still alive
+    assert dns._grams["text"][0]() is last.xa and dns._grams["audio"][0]() is last.xb

@@ -244,3 +244,31 @@ def test_checking_a_protocol_holds_no_train_split_whole(tmp_path, monkeypatch):
         f["emb/depth"][len(f["emb/depth"]) - 1, 0] = np.inf
     with pytest.raises(CacheError, match=r"nyudv2/train.h5: /emb/depth: non-finite"):
         StepData(tmp_path / "f", "synthetic", load_protocol(str(proto))).check()
+
+
+def test_the_steps_of_a_dataset_share_its_tensors_and_a_finished_dataset_is_released(tiny_cache, tmp_path):
+    """``StepData.train`` hands every step of a dataset the very same tensor per modality (DNS
+    recognises its inputs by them) and keeps one dataset at a time: the previous one's tensors die
+    once its steps are done."""
+    import gc
+    import weakref
+
+    from cmcl.data.paired import StepData
+    from cmcl.data.protocol import load_protocol
+
+    proto = tmp_path / "p.toml"
+    proto.write_text('name = "p"\n[datasets]\nvggsound_s = { metrics = ["recall"] }\nclotho = { metrics = ["recall"] }\n'
+                     '[[step]]\ndataset = "vggsound_s"\nmodalities = ["text", "audio"]\n'
+                     '[[step]]\ndataset = "vggsound_s"\nmodalities = ["audio", "video"]\n'
+                     '[[step]]\ndataset = "clotho"\nmodalities = ["text", "audio"]\n')
+    data = StepData(tiny_cache, "synthetic", load_protocol(str(proto)))
+    first, second, third = data.protocol.steps
+    audio = data.train(first).xb
+    assert data.train(second).xa is audio
+    gone = weakref.ref(audio)
+    del audio
+    gc.collect()
+    assert gone() is not None            # the loader still holds vggsound_s
+    data.train(third)
+    gc.collect()
+    assert gone() is None                # clotho replaced it

@@ -175,7 +175,7 @@ class StepData:
         self.root = Path(root)
         self.backbone = backbone
         self.protocol = protocol
-        self._train: tuple[str, SplitFeatures] | None = None
+        self._train: tuple[str, SplitFeatures, dict[str, torch.Tensor]] | None = None
         self._tests: list[TestSet] | None = None
         self.dim: int | None = None
 
@@ -208,10 +208,13 @@ class StepData:
         """The training pairs of ``step``."""
         if self._train is None or self._train[0] != step.dataset:
             self._train = None   # the split held so far goes before the next is read (one at a time)
-            self._train = (step.dataset, self._open(step.dataset, "train"))
-        feats = self._train[1]
+            feats = self._open(step.dataset, "train")
+            # One tensor per modality while the dataset lasts: every step of the dataset hands over
+            # the very same tensors (DNS recognises a modality's rows by them and reuses their Gram).
+            self._train = (step.dataset, feats, {m: torch.from_numpy(x) for m, x in feats.emb.items()})
+        _, feats, tensors = self._train
         a, b = step.modalities
-        return PairedFeatures.from_arrays(feats.emb[a], feats.emb[b], step.modalities, step.index,
+        return PairedFeatures.from_arrays(tensors[a], tensors[b], step.modalities, step.index,
                                           feats.labels, feats.ids)
 
     def test_sets(self) -> list[TestSet]:

@@ -33,12 +33,15 @@ and each batch gathers its rows of X (I − P), instead of a d×d correction per
 same update; ``fused=False`` turns it off. With clipping (reference harness)
 the hook route runs, which projects the clipped raw gradient as the authors do. The output
 covariances are accumulated only when something reads them (``lambda_left > 0`` or
-``energy_out``), and a step reuses the Gram matrix of rows an earlier step of the same dataset
-already summed (tvl and vggsound_s train each modality twice).
+``energy_out``), and a step reuses the Gram matrix of rows an earlier step already summed (tvl
+and vggsound_s train each modality twice): it recognises the very same input tensor, which the
+trainer's loader hands to every step of a dataset, by a weak reference, so the cache never keeps
+a finished dataset's rows in memory.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -96,9 +99,9 @@ class DNS(Strategy):
         self.n_out: dict[str, int] = {}
         self._proj: dict[str, tuple[Projector, Projector]] = {}
         self._before: dict[str, torch.Tensor] = {}
-        # modality -> (the inputs, their Gram matrix) of the current dataset: consecutive steps on one
-        # dataset (tvl, vggsound_s) share a modality's rows, and the loader hands them the same array
-        self._grams: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        # modality -> (a weak reference to the inputs, their Gram matrix): consecutive steps on one
+        # dataset (tvl, vggsound_s) share a modality's rows, and the loader hands them the same tensor
+        self._grams: dict[str, tuple[weakref.ref, torch.Tensor]] = {}
         self._ranks: dict[str, float] = {}
 
     # ------------------------------------------------------------------ projectors
@@ -112,7 +115,7 @@ class DNS(Strategy):
         device = self.learners[step.modalities[0]].weight.device
         self._proj = {}
         self._ranks = {}
-        self._grams = {m: v for m, v in self._grams.items() if v[0] == step.dataset}
+        self._grams = {m: v for m, v in self._grams.items() if v[0]() is not None}   # inputs still alive
         d_in = self.learners.dim + (1 if self.project_bias else 0)
         for m in step.modalities:
             if m in self.cov_in:
@@ -214,7 +217,7 @@ class DNS(Strategy):
         with torch.no_grad():
             grams = {}
             for m, x in ((a, data.xa), (b, data.xb)):
-                grams[m] = self._input_gram(step.dataset, m, x)
+                grams[m] = self._input_gram(m, x)
                 self._accumulate(self.cov_in, self.n_in, m, grams[m], n, shared)
             # The partner's outputs W y (or W y + b) have the covariance W̃ (YᵀY) W̃ᵀ: reuse the input
             # Gram matrix instead of pushing every row through the learner (2d³ instead of 4Nd²).
@@ -225,16 +228,15 @@ class DNS(Strategy):
         self.n_bar += n
         self._ranks["dns/n_bar"] = float(self.n_bar)
 
-    def _input_gram(self, dataset: str, m: str, x: torch.Tensor) -> torch.Tensor:
-        """XᵀX (over ``[X, 1]`` with ``project_bias``), reused when a later step of the same dataset
-        hands over the very same rows (same memory, shape and strides; the kept reference stops that
-        memory from being reused by other data, and entries of other datasets are dropped)."""
+    def _input_gram(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        """XᵀX (over ``[X, 1]`` with ``project_bias``), reused when a later step hands over the very
+        same tensor ``x`` (the same object, still alive: a weak reference recognises it without
+        keeping its memory, which other data could then not take, let alone match)."""
         hit = self._grams.get(m)
-        if hit is not None and hit[0] == dataset and (hit[1].data_ptr(), hit[1].shape, hit[1].stride()) == (
-                x.data_ptr(), x.shape, x.stride()):
-            return hit[2]
+        if hit is not None and hit[0]() is x:
+            return hit[1]
         gram = self._gram(_augment(x) if self.project_bias else x)
-        self._grams[m] = (dataset, x, gram)
+        self._grams[m] = (weakref.ref(x), gram)
         return gram
 
     @staticmethod
