@@ -168,7 +168,8 @@ class StepData:
     """Loads protocol steps from a feature cache, validating them against the protocol.
 
     Train splits are loaded one dataset at a time (the last one is kept, since consecutive steps
-    often share a dataset); test splits are loaded once.
+    often share a dataset, and every step of it gets the same tensor per modality); test splits
+    are loaded once.
     """
 
     def __init__(self, root: str | Path, backbone: str, protocol: Protocol) -> None:
