@@ -230,8 +230,9 @@ class DNS(Strategy):
 
     def _input_gram(self, m: str, x: torch.Tensor) -> torch.Tensor:
         """XᵀX (over ``[X, 1]`` with ``project_bias``), reused when a later step hands over the very
-        same tensor ``x`` (the same object, still alive: a weak reference recognises it without
-        keeping its memory, which other data could then not take, let alone match)."""
+        same tensor ``x``: the same object, still alive. A weak reference recognises it without
+        keeping it, so a finished dataset's rows are freed, and new data in their memory is a new
+        object, never taken for them."""
         hit = self._grams.get(m)
         if hit is not None and hit[0]() is x:
             return hit[1]
