@@ -437,22 +437,23 @@ class FeatureShard:
 
     def load(self, modality: str) -> np.ndarray:
         """(N, D) float32 embeddings of ``modality`` (float16 storage is converted)."""
+        self._emb_dataset(modality)
+        return np.asarray(self._read(f"emb/{modality}"), dtype=np.float32)
+
+    def _emb_dataset(self, modality: str) -> h5py.Dataset:
+        """``/emb/<modality>``, checked to exist with an accepted dtype and shape (N, D)."""
         if modality not in self.meta.modalities:
             raise self._fail(f"has no modality {modality!r} (it holds {list(self.meta.modalities)})")
         ds = self._dataset(f"emb/{modality}")
         self._check_emb_dataset(ds, f"emb/{modality}", len(self))
-        return np.asarray(self._read(f"emb/{modality}"), dtype=np.float32)
+        return ds
 
     def check_values(self, modality: str, *, block_bytes: int | None = None) -> None:
         """Check the values of ``modality``'s embeddings as :meth:`load` would (finite; unit rows when
         the shard is declared normalized), reading them a block of rows at a time into one buffer, so
         that a large file is checked without holding it (or paying for fresh memory) whole."""
-        if modality not in self.meta.modalities:
-            raise self._fail(f"has no modality {modality!r} (it holds {list(self.meta.modalities)})")
-        name = f"emb/{modality}"
-        ds = self._dataset(name)
+        name, ds = f"emb/{modality}", self._emb_dataset(modality)
         n, d = len(self), self.meta.dim
-        self._check_emb_dataset(ds, name, n)
         rows = max(1, (block_bytes or _CHECK_BLOCK_BYTES) // (4 * d))
         buffer = np.empty((min(rows, n), d), dtype=np.float32)
         for lo in range(0, n, rows):
@@ -604,7 +605,12 @@ def check_split(root: str | os.PathLike, backbone: str, dataset: str, split: str
     Raises:
         CacheError: as :func:`open_split`.
     """
-    return _read_files(split_files(root, backbone, dataset, split), modalities, keep=False).meta
+    return check_files(split_files(root, backbone, dataset, split), modalities)
+
+
+def check_files(paths: Sequence[Path], modalities: Iterable[str] | None = None) -> ShardMeta:
+    """:func:`check_split` of one split stored in ``paths`` (as :func:`load_files` loads it)."""
+    return _read_files(paths, modalities, keep=False).meta
 
 
 def load_files(paths: Sequence[Path], modalities: Iterable[str] | None = None) -> SplitFeatures:

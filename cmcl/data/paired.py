@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from cmcl.data.features import SplitFeatures, check_split, open_split, split_files, where_of
+from cmcl.data.features import SplitFeatures, check_files, open_split, split_files, where_of
 from cmcl.data.protocol import Protocol, ProtocolStep
 from cmcl.errors import ProtocolError
 
@@ -201,9 +201,9 @@ class StepData:
         """
         self.test_sets()
         for dataset in self.protocol.datasets:
-            meta = check_split(self.root, self.backbone, dataset, "train",
-                               modalities=self.protocol.modalities_of(dataset))
-            self._same_dim(meta.dim, where_of(split_files(self.root, self.backbone, dataset, "train")))
+            paths = split_files(self.root, self.backbone, dataset, "train")
+            meta = check_files(paths, modalities=self.protocol.modalities_of(dataset))
+            self._same_dim(meta.dim, where_of(paths))
 
     def train(self, step: ProtocolStep) -> PairedFeatures:
         """The training pairs of ``step``."""
