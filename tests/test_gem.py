@@ -13,7 +13,7 @@ from cmcl.train.learners import ModalityLearners
 from cmcl.train.objective import info_nce
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
-from cmcl.train.strategies.gem import equal_blocks, gem_multipliers, grouped_info_nce
+from cmcl.train.strategies.gem import GEM, equal_blocks, gem_multipliers, grouped_info_nce
 from cmcl.train.trainer import fit_step
 from cmcl.types import StepInfo
 
@@ -171,7 +171,7 @@ def test_projected_gradient_keeps_every_shared_step_non_negative(clip, hooks):
     torch.testing.assert_close(gem.last_dots, g_mem @ g, rtol=1e-5, atol=1e-9 * float((g_mem @ g).abs().max()))
     # the rank-one route gives the dense Gram matrix
     mg = gem.memory_gradients()
-    torch.testing.assert_close(mg["gram"], g_mem @ g_mem.T, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(gem.memory_gram(mg), g_mem @ g_mem.T, rtol=1e-5, atol=1e-12)
     # constraints hold up to the ridge tolerance, and g~ - g = G^T v with v >= margin
     v = np.linalg.lstsq(g_mem.T.numpy(), (g_tilde - g).numpy(), rcond=None)[0]
     assert (v >= 0.5 - 1e-4).all()
@@ -231,3 +231,57 @@ def test_a_step_sharing_no_learner_updates_exactly_as_vanilla():
         if name == "gem":
             assert strategy.report()["gem/constraints_per_update"] == 0
     assert torch.equal(results[0], results[1])
+
+
+class _EagerCosine(GEM):
+    """GEM that also forms the Gram at every update: the step's minimum cosine by definition."""
+
+    def before_step(self, step, data):
+        super().before_step(step, data)
+        self.eager_min, self.grams, self.updates_with_memory = float("inf"), 0, 0
+
+    def _dots(self, *args):
+        self._seen = super()._dots(*args)
+        return self._seen
+
+    def memory_gram(self, mg):
+        self.grams += mg["gram"] is None
+        return super().memory_gram(mg)
+
+    def before_update(self, batch, out):
+        mg = self._grads
+        super().before_update(batch, out)
+        if mg is not None and mg["factors"]:
+            self.updates_with_memory += 1
+            formed = self.grams
+            dots, g_sq = self._seen
+            norms = self.memory_gram(mg).diagonal().clamp_min(0).sqrt() * g_sq ** 0.5
+            self.grams = formed      # count only the Grams GEM itself formed
+            cosine = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
+            self.eager_min = min(self.eager_min, float(cosine.min()))
+
+
+def test_the_gram_is_formed_only_where_the_step_needs_it():
+    # Without a violation every cosine is >= 0, so once the step's minimum is negative the Gram only
+    # matters at violated updates: the diagnostic is the one the Gram at every update gives.
+    torch.manual_seed(0)
+    learners = ModalityLearners(MODALITIES, D)
+    gem = _EagerCosine(buffer_size=24)
+    gem.setup(learners, Objective())
+    seen = []
+    first = pairs(160, 1, ("text", "audio"), 1)
+    fit_step(learners, gem, StepInfo(1, "s1", ("text", "audio"), 11), first, harness=HARNESS, epochs=3, batch_size=16)
+    memory = gem.buffer.features()
+    # step 2 trains on the memory itself, in one batch: g = g_1 up to clipping, never a violation;
+    # step 3 on step 1's pairs in batches of 16: some updates violate, most do not
+    for i, data, batch in ((2, memory, len(memory)), (3, first, 16)):
+        fit_step(learners, gem, StepInfo(i, f"s{i}", ("text", "audio"), 10 + i), data, harness=HARNESS,
+                 epochs=8 if i == 2 else 3, batch_size=batch)
+        report = gem.report()
+        assert report["gem/min_cosine"] == gem.eager_min
+        seen.append((report["gem/projected_fraction"], gem.eager_min, gem.grams, gem.updates_with_memory))
+    # step 2 never projects: its minimum is >= 0 and needs the Gram at every update
+    (frac2, min2, grams2, n2), (frac3, min3, grams3, n3) = seen
+    assert frac2 == 0 and min2 >= 0 and grams2 == n2 > 0
+    # step 3 projects at some updates: the Gram is formed at those and before the first
+    assert 0 < frac3 < 1 and min3 < 0 and frac3 * n3 <= grams3 < n3

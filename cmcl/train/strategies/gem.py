@@ -168,35 +168,60 @@ class GEM(Replay):
                      "u0": out.u, "v0": out.v, "idx": idx, "inputs": inputs}
 
     def memory_gradients(self) -> dict[str, Any] | None:
-        """Per-learner factors ``(D, X, step of each row)`` of every g_k and the Gram ``G G^T``
-        (float64)."""
+        """Per-learner factors ``(D, X, step of each row)`` of every g_k; the Gram ``G G^T`` (float64)
+        is :meth:`memory_gram`'s, formed on first use."""
         mem = self._mem
         if mem is None:
             return None
-        data, groups, k = mem["data"], mem["groups"], mem["k"]
+        groups, k = mem["groups"], mem["k"]
         with torch.no_grad():
-            u, v = mem["u0"].clone(), mem["v0"].clone()
-            for m, (ia, ib) in mem["idx"].items():
-                layer = self.learners[m]
-                if len(ia):
-                    u[ia] = layer(data.xa[ia])
-                if len(ib):
-                    v[ib] = layer(data.xb[ib])
+            u, v = mem["u0"], mem["v0"]
+            copied = {"a": False, "b": False}
+            for m, (xm, _, _, _) in mem["inputs"].items():
+                ia, ib = mem["idx"][m]
+                # the learner's memory inputs of each side are fixed for the step: gathered once
+                layer, na = self.learners[m], len(ia)
+                for side, rows, x in (("a", ia, xm[:na]), ("b", ib, xm[na:])):
+                    if not len(rows):
+                        continue
+                    part = layer(x)
+                    if len(rows) == len(u):     # every row of this side: no scatter
+                        u, v = (part, v) if side == "a" else (u, part)
+                        copied[side] = True
+                        continue
+                    if not copied[side]:
+                        u, v = (u.clone(), v) if side == "a" else (u, v.clone())
+                        copied[side] = True
+                    (u if side == "a" else v)[rows] = part
         u.requires_grad_(True)
         v.requires_grad_(True)
         with torch.enable_grad():
             per_step = grouped_info_nce(u, v, groups, k, temperature=self.objective.temperature,
                                         direction=self.objective.direction, blocks=mem["blocks"])
             du, dv = torch.autograd.grad(per_step.sum(), [u, v])
-        gram = torch.zeros(k, k, dtype=torch.float64, device=u.device)
         factors = {}
-        for m, (xm, gm, x_gram, member) in mem["inputs"].items():
+        for m, (xm, gm, _, _) in mem["inputs"].items():
             ia, ib = mem["idx"][m]
-            dm = torch.cat([du[ia], dv[ib]])
-            pair_dots = (dm @ dm.T).double() * x_gram    # <D_i x_i^T, D_j x_j^T> + <D_i, D_j>
-            gram += member.T @ pair_dots @ member
+            if len(ia) == len(du) and not len(ib):
+                dm = du
+            elif len(ib) == len(dv) and not len(ia):
+                dm = dv
+            else:
+                dm = torch.cat([du[ia], dv[ib]])
             factors[m] = (dm, xm, gm)
-        return {"factors": factors, "gram": gram, "k": k}
+        return {"factors": factors, "gram": None, "k": k}
+
+    def memory_gram(self, mg: dict[str, Any]) -> torch.Tensor:
+        """``G G^T`` (K x K, float64) of :meth:`memory_gradients`' factors, computed once per update
+        and only when read: with no violation it only feeds the cosine diagnostic."""
+        if mg["gram"] is None:
+            gram = torch.zeros(mg["k"], mg["k"], dtype=torch.float64, device=self._mem["u0"].device)
+            for m, (dm, _, _) in mg["factors"].items():
+                _, _, x_gram, member = self._mem["inputs"][m]
+                pair_dots = (dm @ dm.T).double() * x_gram    # <D_i x_i^T, D_j x_j^T> + <D_i, D_j>
+                gram += member.T @ pair_dots @ member
+            mg["gram"] = gram
+        return mg["gram"]
 
     # ------------------------------------------------------------------ hooks
     def compute_gradients(self, closure: Closure) -> tuple[Losses, PairOutput]:
@@ -218,7 +243,7 @@ class GEM(Replay):
     def _dots(self, mg: dict[str, Any], batch: PairedFeatures, out: PairOutput) -> tuple[torch.Tensor, float]:
         """``<g, g_k>`` for every k (float64) and ``||g||^2`` over the current pair's parameters."""
         k = mg["k"]
-        device = mg["gram"].device
+        device = self._mem["u0"].device
         dots = torch.zeros(k, dtype=torch.float64, device=device)
         g_sq = sum(float(torch.linalg.vector_norm(p.grad)) ** 2 for m in self._cur
                    for p in self.learners[m].parameters() if p.grad is not None)
@@ -253,22 +278,25 @@ class GEM(Replay):
         k = mg["k"]
         dots, g_sq = self._dots(mg, batch, out)
         self._stats["constraints"] += k
-        # cosine of g with each g_k: how close the update came to a violation
-        norms = mg["gram"].diagonal().clamp_min(0).sqrt() * g_sq ** 0.5
-        cosine = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
-        self._stats["min_cosine"] = min(self._stats["min_cosine"], float(cosine.min()))
         self.last_dots = dots
         violated = int((dots < 0).sum())
+        # cosine of g with each g_k: how close the update came to a violation. Without a violation
+        # every cosine is >= 0 and cannot lower a minimum that is already negative: the Gram is
+        # then not needed, and the step's minimum is the same as if it were formed at every update.
+        if violated or self._stats["min_cosine"] >= 0:
+            norms = self.memory_gram(mg).diagonal().clamp_min(0).sqrt() * g_sq ** 0.5
+            cosine = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
+            self._stats["min_cosine"] = min(self._stats["min_cosine"], float(cosine.min()))
         if violated == 0:
             return
         self._stats["violations"] += violated
         self._stats["projected"] += 1
-        v = gem_multipliers(mg["gram"].cpu().numpy(), dots.cpu().numpy(), margin=self.margin,
+        v = gem_multipliers(self.memory_gram(mg).cpu().numpy(), dots.cpu().numpy(), margin=self.margin,
                             ridge=self.ridge, solver=self.solver)
         self._stats["v_sum"] += float(v.sum())
         self._stats["v_count"] += len(v)
         self._stats["v_max"] = max(self._stats["v_max"], float(v.max()))
-        coef = torch.as_tensor(v, device=mg["gram"].device)
+        coef = torch.as_tensor(v, device=dots.device)
         with torch.no_grad():
             for m, (dm, xm, gm) in mg["factors"].items():
                 layer = self.learners[m]
