@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -87,13 +89,14 @@ def test_rho_zero_gives_the_plain_gradient():
     assert torch.equal(theta(), t0)
 
 
-def pairs(n, seed, pair, step, d=8):
+def pairs(n, seed, pair, step, d=8, dtype=torch.float32):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d))
     y = x @ rng.standard_normal((d, d)) * 0.5 + rng.standard_normal((n, d))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     y /= np.linalg.norm(y, axis=1, keepdims=True)
-    return PairedFeatures.from_arrays(x.astype(np.float32), y.astype(np.float32), pair, step)
+    data = PairedFeatures.from_arrays(x.astype(np.float32), y.astype(np.float32), pair, step)
+    return dataclasses.replace(data, xa=torch.as_tensor(x, dtype=dtype), xb=torch.as_tensor(y, dtype=dtype))
 
 
 def test_four_backward_passes_per_update_and_parameters_restored(monkeypatch):
@@ -132,3 +135,64 @@ def test_four_backward_passes_per_update_and_parameters_restored(monkeypatch):
     assert report["cflat/e0_norm"] == pytest.approx(0.2, rel=1e-4)
     assert report["cflat/e2_norm"] == pytest.approx(0.2, rel=1e-4)
     assert report["cflat/flat_norm"] > 0 and report["cflat/ird_loss"] > 0
+    assert report["cflat/outputs_route"] == 1.0     # every update went through the outputs route
+
+
+MIXED = [("text", "audio"), ("audio", "video"), ("video", "text")]   # buffered rows on either side
+HARNESS = Harness(lr=1e-2, weight_decay=1e-2, decay_bias=False, linear_decay=True, clip_norm=1.0)
+
+
+def test_the_outputs_route_is_the_closure_route_in_exact_arithmetic():
+    # float64 throughout: at every update of three steps of mixed batches, g_cf by the outputs route
+    # equals the four-closure loop's from the same θ up to float64 rounding
+    torch.manual_seed(0)
+    learners = ModalityLearners(["text", "audio", "video", "vision"], 8).double()
+    strategy = get_strategy("cflat", buffer_size=16)
+    strategy.setup(learners, Objective())
+    compute, seen = strategy.compute_gradients, []
+
+    def both(closure):
+        strategy.route = "closure"
+        compute(closure)
+        ref = {n: p.grad.clone() for n, p in learners.named_parameters() if p.grad is not None}
+        strategy.route = "outputs"
+        result = compute(closure)
+        got = {n: p.grad for n, p in learners.named_parameters() if p.grad is not None}
+        assert got.keys() == ref.keys() and "layers.vision.weight" not in got
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+        seen.append(sorted({n.split(".")[1] for n in got}))
+        return result
+
+    strategy.compute_gradients = both
+    for i, pair in enumerate(MIXED, start=1):
+        fit_step(learners, strategy, StepInfo(i, f"s{i}", pair, i), pairs(48, i, pair, i, dtype=torch.float64),
+                 harness=HARNESS, epochs=2, batch_size=16)
+    # the last step's batches mix the buffered pairs' learners with the current ones
+    assert ["audio", "text", "video"] in seen
+    assert strategy.report()["cflat/outputs_route"] == 0.5     # one call of each route per update
+
+
+class _Penalised(get_strategy("cflat").__class__):
+    """C-Flat with a term on the weights themselves: its gradient does not come from the outputs."""
+
+    def losses(self, batch, out):
+        losses = super().losses(batch, out)
+        losses["weight_loss"] = 0.5 * self.learners["text"].weight.square().sum()
+        return losses
+
+
+def test_a_gradient_not_from_the_outputs_takes_the_closure_route():
+    runs = {}
+    for route in ("outputs", "closure"):
+        torch.manual_seed(0)
+        learners = ModalityLearners(["text", "audio", "video"], 8)
+        strategy = _Penalised(buffer_size=16, route=route)
+        strategy.setup(learners, Objective())
+        for i, pair in enumerate(MIXED[:2], start=1):
+            fit_step(learners, strategy, StepInfo(i, f"s{i}", pair, i), pairs(48, i, pair, i), harness=HARNESS,
+                     epochs=2, batch_size=16)
+        runs[route] = ([p.detach().clone() for p in learners.parameters()], strategy.report())
+    (outputs, report), (closure, _) = runs["outputs"], runs["closure"]
+    assert all(torch.equal(p, q) for p, q in zip(outputs, closure))   # the same loop, bit for bit
+    assert report["cflat/outputs_route"] == 0.0

@@ -10,10 +10,26 @@ Co2L loss of the current batch, norms taken over every parameter that has a grad
 4. ``g3 = ∇J(θ' + ρ ĝ2)``;
 5. ``g_cf = g1 + λ (g3 - g2)`` goes to the optimizer, θ is restored.
 
-The four evaluations are four calls of the trainer's closure inside :meth:`CFlat.compute_gradients`
-(the torch ``optimizer.step(closure)`` idiom); the first call's losses are returned, so the
-logged loss is the one at θ. Learners outside the batch have ``grad is None`` in every call and are
-never perturbed. The teacher's IRD targets do not depend on θ and are computed once per update.
+The first evaluation is the trainer's closure inside :meth:`CFlat.compute_gradients` (the torch
+``optimizer.step(closure)`` idiom), and its losses are returned, so the logged loss is the one at θ.
+Learners outside the batch have ``grad is None`` and are never perturbed. The teacher's IRD targets
+do not depend on θ and are computed once per update.
+
+``route="outputs"`` (the default) takes the other three evaluations in the learners' output space.
+The learners are affine and J depends on θ only through the batch's outputs, so every gradient
+here is ``Σ_e Δ_e [x_e, 1]`` over the batch's entries e (a row's a or b side) of each learner, Δ the
+loss's gradient with respect to the outputs. A parameter step ``c Σ_e Δ_e [x_e, 1]`` moves the
+outputs by ``c K Δ`` with ``K_fe = [same learner] (x_f·x_e + 1)``, and ``‖Σ_e Δ_e [x_e, 1]‖² =
+Σ (K ⊙ Δ Δᵀ)``: the perturbed points' outputs, the norms and ``g_cf`` follow from K (2n × 2n) and
+the output gradients, without forming a perturbed weight or a weight gradient in between, and
+``g_cf`` is written as one product per learner. It equals the reference's loop in exact arithmetic
+and differs from it by float32 rounding (tested against ``route="closure"`` in float64). An update
+where the first call's gradient norm is not the one its output gradients give (something besides
+the outputs fed ``.grad``), or whose batch the closure did not score through :meth:`losses`, takes
+the closure route; ``cflat/outputs_route`` reports the share of updates that did not.
+
+``route="closure"`` calls the trainer's closure four times at materialised perturbed weights, as
+the reference code does.
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from cmcl.data.paired import PairedFeatures
@@ -30,6 +47,7 @@ from cmcl.train.strategies.co2l import Co2L
 from cmcl.types import StepInfo
 
 _EPS = 1e-12  # the reference's perturb_eps
+ROUTES = ("outputs", "closure")
 
 
 def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -44,24 +62,115 @@ class CFlat(Co2L):
     class Params(Co2L.Params):
         rho: float = param(0.2, ge=0)           # ρ, the radius of every perturbation
         lambda_cf: float = param(0.2, ge=0)     # λ, the weight of the first-order flatness term g3 - g2
+        route: str = param("outputs", choices=ROUTES)   # how evaluations 2-4 run (same algorithm)
 
     name = "cflat"
+    output_grads = True   # dL/du, dL/dv of the first evaluation on out: the outputs route
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._norms: list[tuple[float, ...]] = []
         self._work: dict[int, torch.Tensor] = {}   # id(parameter) -> perturbed-point storage
+        self._scored: tuple[PairedFeatures, PairOutput] | None = None
+        self._routes = [0, 0]                      # updates by the outputs route, by the closure route
 
     def before_step(self, step: StepInfo, data: PairedFeatures) -> None:
         super().before_step(step, data)
-        self._norms, self._work = [], {}
+        self._norms, self._work, self._routes = [], {}, [0, 0]
+
+    def losses(self, batch: PairedFeatures, out: PairOutput) -> Losses:
+        self._scored = (batch, out)
+        return super().losses(batch, out)
 
     def compute_gradients(self, closure: Closure) -> tuple[Losses, PairOutput]:
         with self.same_batch():
+            self._scored = None
             first = closure()
             self._record()                  # the loss terms at θ, not at the perturbed points
-            self._flat_gradient(closure)
+            scored, self._scored = self._scored, None
+            if not (self.route == "outputs" and scored is not None and scored[1] is first[1]
+                    and self._flat_gradient_outputs(*scored)):
+                self._routes[1] += 1
+                self._flat_gradient(closure)
+            else:
+                self._routes[0] += 1
         return first
+
+    # ------------------------------------------------------------------ the outputs route
+    def _entries(self, batch: PairedFeatures, out: PairOutput) -> dict[str, Any] | None:
+        """The batch's entries (a sides, then b sides): inputs, output gradients and, per learner
+        with a gradient, its entries; None where the outputs route does not apply."""
+        if out.extra or out.u.grad is None or out.v.grad is None or not self.learners.grad_inputs == {}:
+            return None
+        names = np.concatenate([np.asarray(batch.ma).astype(str), np.asarray(batch.mb).astype(str)])
+        x = torch.cat([batch.xa, batch.xb])
+        members, params = {}, []
+        for m in np.unique(names):
+            layer = self.learners[str(m)]
+            grads = [layer.weight.grad, None if layer.bias is None else layer.bias.grad]
+            if grads[0] is None and grads[1] is None:
+                continue                    # a frozen learner: not perturbed, not in the norms
+            if layer.bias is None or grads[0] is None or grads[1] is None or x.dtype != layer.weight.dtype:
+                return None
+            members[str(m)] = torch.as_tensor(np.flatnonzero(names == m), device=x.device)
+            params.append((layer.weight, layer.bias))
+        n_params = sum(1 for p in self.learners.parameters() if p.grad is not None)
+        if not members or n_params != 2 * len(members):
+            return None                     # a gradient that is not a batch learner's
+        same = torch.zeros(len(names), len(names), dtype=torch.bool, device=x.device)
+        for rows in members.values():
+            same[rows[:, None], rows[None, :]] = True
+        kernel = torch.addmm(torch.ones((), dtype=x.dtype, device=x.device), x, x.T).mul_(same)
+        return {"x": x, "kernel": kernel, "members": members, "params": params,
+                "delta": torch.cat([out.u.grad, out.v.grad]), "outputs": torch.cat([out.u, out.v]).detach()}
+
+    def _output_grads(self, batch: PairedFeatures, outputs: torch.Tensor) -> torch.Tensor:
+        """Δ at the given outputs: the gradient of the loss terms the trainer sums."""
+        n = len(batch)
+        u, v = outputs[:n].detach().requires_grad_(True), outputs[n:].detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = self.losses(batch, PairOutput(u, v))
+            total = sum(val for k, val in losses.items() if k.endswith("_loss"))
+            du, dv = torch.autograd.grad(total, [u, v], allow_unused=True)
+        return torch.cat([torch.zeros_like(u) if du is None else du, torch.zeros_like(v) if dv is None else dv])
+
+    def _flat_gradient_outputs(self, batch: PairedFeatures, out: PairOutput) -> bool:
+        """Steps 2-5 in output space (module docstring); False, with nothing changed, where the
+        route does not apply."""
+        e = self._entries(batch, out)
+        if e is None:
+            return False
+        kernel, d0, o0 = e["kernel"], e["delta"], e["outputs"]
+
+        def sq_norm(delta: torch.Tensor) -> float:
+            return float((kernel * (delta @ delta.T)).double().sum())
+
+        with torch.no_grad():
+            n0 = float(_norm([p for pair in e["params"] for p in (pair[0].grad, pair[1].grad)]))
+            # the first gradient is the outputs' alone (nothing else wrote into .grad)
+            if abs(sq_norm(d0) - n0 * n0) > 1e-4 * n0 * n0 + 1e-30:
+                return False
+            rho = self.rho
+            s0 = rho / (n0 + _EPS)
+            d1 = self._output_grads(batch, o0 + s0 * (kernel @ d0))             # at θ + e0
+            dh = d1 - d0                                                        # h = g1 - g0
+            nh = max(sq_norm(dh), 0.0) ** 0.5
+            s1 = rho / (nh + _EPS)
+            o_prime = o0 + s1 * (kernel @ dh)                                   # at θ' = θ + e1
+            d2 = self._output_grads(batch, o_prime)
+            n2 = max(sq_norm(d2), 0.0) ** 0.5
+            s2 = rho / (n2 + _EPS)
+            d3 = self._output_grads(batch, o_prime + s2 * (kernel @ d2))        # at θ' + e2
+            flat = d3 - d2
+            n_flat = max(sq_norm(flat), 0.0) ** 0.5
+            cf = flat.mul_(self.lambda_cf).add_(d1)                             # g1 + λ (g3 - g2)
+            for (weight, bias), rows in zip(e["params"], e["members"].values()):
+                torch.mm(cf[rows].T, e["x"][rows], out=weight.grad)
+                torch.sum(cf[rows], dim=0, out=bias.grad)
+        self._norms.append((n0, s0 * n0, nh, s1 * nh, n2, s2 * n2, n_flat))
+        return True
+
+    # ------------------------------------------------------------------ the closure route
 
     def _flat_gradient(self, closure: Closure) -> None:
         """Steps 2-5 above, given ``g0`` in ``.grad``; leaves ``g_cf`` in ``.grad`` and θ restored.
@@ -125,3 +234,5 @@ class CFlat(Co2L):
             names = ("grad_norm", "e0_norm", "h_norm", "e1_norm", "g2_norm", "e2_norm", "flat_norm")
             for i, key in enumerate(names):
                 self._report[f"{self.name}/{key}"] = sum(n[i] for n in self._norms) / len(self._norms)
+        if sum(self._routes):
+            self._report[f"{self.name}/outputs_route"] = self._routes[0] / sum(self._routes)
