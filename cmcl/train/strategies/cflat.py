@@ -26,7 +26,7 @@ the output gradients, without forming a perturbed weight or a weight gradient in
 and differs from it by float32 rounding (tested against ``route="closure"`` in float64). An update
 where the first call's gradient norm is not the one its output gradients give (something besides
 the outputs fed ``.grad``), or whose batch the closure did not score through :meth:`losses`, takes
-the closure route; ``cflat/outputs_route`` reports the share of updates that did not.
+the closure route; ``cflat/outputs_route`` reports the share of updates that took the outputs route.
 
 ``route="closure"`` calls the trainer's closure four times at materialised perturbed weights, as
 the reference code does.
@@ -94,13 +94,14 @@ class CFlat(Co2L):
                 self._flat_gradient(closure)
             else:
                 self._routes[0] += 1
+            self._scored = None             # the outputs route's own scorings passed through losses()
         return first
 
     # ------------------------------------------------------------------ the outputs route
     def _entries(self, batch: PairedFeatures, out: PairOutput) -> dict[str, Any] | None:
         """The batch's entries (a sides, then b sides): inputs, output gradients and, per learner
         with a gradient, its entries; None where the outputs route does not apply."""
-        if out.extra or out.u.grad is None or out.v.grad is None or not self.learners.grad_inputs == {}:
+        if out.extra or out.u.grad is None or out.v.grad is None or self.learners.grad_inputs:
             return None
         names = np.concatenate([np.asarray(batch.ma).astype(str), np.asarray(batch.mb).astype(str)])
         x = torch.cat([batch.xa, batch.xb])
