@@ -32,7 +32,7 @@ from cmcl.errors import RunError
 from cmcl.train.config import Harness, TrainConfig
 from cmcl.train.learners import ModalityLearners, PairOutput
 from cmcl.train.strategies import get_strategy
-from cmcl.train.strategies.base import Objective, Strategy
+from cmcl.train.strategies.base import Objective, Strategy, total_loss
 from cmcl.types import StepInfo
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,9 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
                         if t.requires_grad:
                             t.retain_grad()
                 losses = strategy.losses(batch, out)
-                total_loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
-                if total_loss.requires_grad:  # not when every learner of the batch is frozen
-                    total_loss.backward()
+                total = total_loss(losses)
+                if total.requires_grad:  # not when every learner of the batch is frozen
+                    total.backward()
                 return losses, out
 
             losses, out = strategy.compute_gradients(closure)

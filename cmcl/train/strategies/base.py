@@ -49,6 +49,13 @@ from cmcl.train.objective import info_nce
 from cmcl.types import StepInfo
 
 Losses = dict[str, torch.Tensor]
+
+
+def total_loss(losses: Losses) -> torch.Tensor:
+    """What the trainer back-propagates: the sum of the terms whose key ends in ``_loss`` (other
+    keys are logged only)."""
+    return sum(v for k, v in losses.items() if k.endswith("_loss"))
+
 Closure = Callable[[], tuple[Losses, PairOutput]]
 _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 

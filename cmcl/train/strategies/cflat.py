@@ -42,7 +42,7 @@ import torch
 
 from cmcl.data.paired import PairedFeatures
 from cmcl.train.learners import PairOutput
-from cmcl.train.strategies.base import Closure, Losses, param
+from cmcl.train.strategies.base import Closure, Losses, param, total_loss
 from cmcl.train.strategies.co2l import Co2L
 from cmcl.types import StepInfo
 
@@ -130,8 +130,7 @@ class CFlat(Co2L):
         n = len(batch)
         u, v = outputs[:n].detach().requires_grad_(True), outputs[n:].detach().requires_grad_(True)
         with torch.enable_grad():
-            losses = self.losses(batch, PairOutput(u, v))
-            total = sum(val for k, val in losses.items() if k.endswith("_loss"))
+            total = total_loss(self.losses(batch, PairOutput(u, v)))
             du, dv = torch.autograd.grad(total, [u, v], allow_unused=True)
         return torch.cat([torch.zeros_like(u) if du is None else du, torch.zeros_like(v) if dv is None else dv])
 

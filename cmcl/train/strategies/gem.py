@@ -175,8 +175,7 @@ class GEM(Replay):
             return None
         groups, k = mem["groups"], mem["k"]
         with torch.no_grad():
-            u, v = mem["u0"], mem["v0"]
-            copied = {"a": False, "b": False}
+            outs, fresh = {"a": mem["u0"], "b": mem["v0"]}, set()
             for m, (xm, _, _, _) in mem["inputs"].items():
                 ia, ib = mem["idx"][m]
                 # the learner's memory inputs of each side are fixed for the step: gathered once
@@ -185,14 +184,14 @@ class GEM(Replay):
                     if not len(rows):
                         continue
                     part = layer(x)
-                    if len(rows) == len(u):     # every row of this side: no scatter
-                        u, v = (part, v) if side == "a" else (u, part)
-                        copied[side] = True
-                        continue
-                    if not copied[side]:
-                        u, v = (u.clone(), v) if side == "a" else (u, v.clone())
-                        copied[side] = True
-                    (u if side == "a" else v)[rows] = part
+                    if len(rows) == len(outs[side]):     # every row of this side: no scatter
+                        outs[side] = part
+                    else:
+                        if side not in fresh:
+                            outs[side] = outs[side].clone()
+                        outs[side][rows] = part
+                    fresh.add(side)
+            u, v = outs["a"], outs["b"]
         u.requires_grad_(True)
         v.requires_grad_(True)
         with torch.enable_grad():
