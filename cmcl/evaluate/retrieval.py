@@ -12,13 +12,19 @@ Identical candidate rows must tie *exactly*, and a matrix product does not guara
 sgemm (FAISS's exact search uses it) gives copies of one row different scores in the last bit
 depending on where they sit. So every distinct row is scored once and counted with its
 multiplicity: a pool's distinct rows of each side go through one product (FAISS's pairwise inner
-products on the GPU, BLAS on the CPU), and both directions of a pool are counted from it.
+products on the GPU, torch on the CPU), and both directions of a pool are counted from it.
+
+On the CPU every product here goes through torch, not numpy: scoring alternates with the learners'
+products, and two BLAS libraries in one process each keep a pool of threads that spin for a while
+after a product, taking the cores from the other's next one (numpy's OpenBLAS after ``xq @ xb.T``
+slowed torch's next product by about 17 ms on two cores; ``benchmarks/bench_thread_pools.py``).
 """
 
 from __future__ import annotations
 
 import faiss
 import numpy as np
+import torch
 
 
 def _has_gpu() -> bool:
@@ -40,7 +46,12 @@ def inner_products(xq: np.ndarray, xb: np.ndarray, *, use_gpu: bool = False) -> 
         if _GPU_RES is None:
             _GPU_RES = faiss.StandardGpuResources()
         return faiss.pairwise_distance_gpu(_GPU_RES, xq, xb, metric=faiss.METRIC_INNER_PRODUCT)
-    return xq @ xb.T
+    return _matmul(xq, xb.T)
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` through torch's BLAS, the one the learners use (no second thread pool; module notes)."""
+    return torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 def distinct_index(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,7 +119,7 @@ def _tally(flags: np.ndarray, counts: np.ndarray, axis: int) -> np.ndarray:
         return flags.view(np.uint8).sum(axis=axis, dtype=wide).astype(np.int64)
     real = np.float32 if counts.sum() < 2 ** 24 else np.float64
     weights, marks = counts.astype(real), flags.astype(real)
-    return (marks @ weights if axis == 1 else weights @ marks).astype(np.int64)
+    return (_matmul(marks, weights) if axis == 1 else _matmul(weights, marks)).astype(np.int64)
 
 
 def _count(scores: np.ndarray, partner: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
