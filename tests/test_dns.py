@@ -400,3 +400,16 @@ def test_one_sided_default_keeps_no_output_covariance_and_reuses_a_datasets_gram
     dns.before_step(StepInfo(5, "B", ("text", "audio"), 0), last)
     assert set(dns._grams) == {"text", "audio"}            # only step 4's inputs are still alive
     assert dns._grams["text"][0]() is last.xa and dns._grams["audio"][0]() is last.xb
+
+
+@pytest.mark.parametrize("rows, dim", [(20_000, 1025), (300, 7), (5, 3)])
+def test_the_gram_matrix_is_the_float64_product_and_exactly_symmetric(monkeypatch, rows, dim):
+    """The Gram matrix is summed over row blocks (made small here, so that several are summed) from
+    the upper blocks of a column partition; it must equal XᵀX, ragged blocks and columns included."""
+    import cmcl.train.strategies.dns as dns_module
+    monkeypatch.setattr(dns_module, "_BLOCK", 4096)
+    x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(rows))
+    got = DNS._gram(x)
+    want = x.double().T @ x.double()
+    assert got.dtype == torch.float64 and torch.equal(got, got.T)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-3 * rows ** 0.5)
