@@ -9,7 +9,7 @@ What it measures, in one process:
 1. protocol: the synthetic cache at paper size (d = 1024, scale 1.0) is written, then vanilla and
    DNS each train one seed of the paper11 protocol with the paper's settings (5 epochs, batch 64,
    AdamW) on ``--device``, scored after every step (the scores' inner products on faiss-gpu when
-   the installed faiss sees a GPU and the device is CUDA, else with numpy's BLAS on the CPU, as
+   the installed faiss sees a GPU and the device is CUDA, else with torch on the CPU, as
    ``cmcl.evaluate.retrieval`` does; the JSON's ``eval_backend`` says which). Per strategy:
    total, training (whole steps), evaluation, updates, ms per update
    (``benchmarks/bench_protocol.py``'s functions). Two short steps of each strategy and one scoring
@@ -99,7 +99,7 @@ def check_device(name: str) -> str:
 
 def eval_backend(device: str) -> str:
     """Where the evaluation's inner products run: ``faiss-gpu`` (a CUDA device and a faiss that
-    sees a GPU: ``faiss.get_num_gpus() > 0``) or ``cpu`` (numpy's BLAS)."""
+    sees a GPU: ``faiss.get_num_gpus() > 0``) or ``cpu`` (torch on the CPU)."""
     import faiss
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
