@@ -179,3 +179,22 @@ def test_tallies_equal_an_integer_brute_force(axis, shape, most):
     got = retrieval._tally(flags, counts, axis)
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, want)
+
+
+def test_read_only_arrays_are_scored_without_a_warning():
+    """Scores go through torch, which warns about arrays it could write to but may not; scoring
+    only reads them, so a read-only array (a memory map, say) is scored silently and the same."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    xq, xb = rng.standard_normal((40, 16), dtype=np.float32), rng.standard_normal((30, 16), dtype=np.float32)
+    want = retrieval.inner_products(xq, xb)
+    np.testing.assert_allclose(want, xq.astype(np.float64) @ xb.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+    for x in (xq, xb):
+        x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = retrieval.inner_products(xq, xb)
+        ranks = partner_ranks(xq, xb, np.arange(40) % 30, 10)
+    np.testing.assert_array_equal(got, want)
+    assert len(ranks[0]) == 40

@@ -23,6 +23,8 @@ torch (``benchmarks/bench_thread_pools.py``); a protocol run's scoring went from
 
 from __future__ import annotations
 
+import warnings
+
 import faiss
 import numpy as np
 import torch
@@ -52,7 +54,17 @@ def inner_products(xq: np.ndarray, xb: np.ndarray, *, use_gpu: bool = False) -> 
 
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` through torch's BLAS, the one the learners use (no second thread pool; module notes)."""
-    return torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    return torch.matmul(_tensor(a), _tensor(b)).numpy()
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """``a`` as a tensor sharing its memory; a read-only array too (it is only read here), without
+    torch's warning about writing to it."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 def distinct_index(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
