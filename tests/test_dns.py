@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cmcl.data.paired import PairedFeatures, take_rows
+from cmcl.data.paired import PairedFeatures
 from cmcl.train.config import Harness
-from cmcl.train.learners import ModalityLearners
+from cmcl.train.learners import FactoredTransform, ModalityLearners
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective
 from cmcl.train.strategies.dns import DNS
@@ -283,8 +283,11 @@ def test_fused_projection_gives_the_same_update_as_the_hook(project_bias, monkey
         dns.setup(learners, Objective())
         calls[route] = 0
 
-        def counting(step, hook=dns.weight_grad_inputs, route=route):  # counts the transform's calls
+        def counting(step, hook=dns.weight_grad_inputs, route=route):  # counts the transforms of rows
             def count(f):
+                if isinstance(f, FactoredTransform):   # per step its rows are prepared, per batch both parts
+                    return FactoredTransform(count(f.prepare), f.finish)
+
                 def g(x):
                     calls[route] += 1
                     return f(x)
@@ -332,10 +335,34 @@ def test_weight_inputs_are_the_transform_of_every_row_or_nothing():
     f = lambda x: x - (x @ u) @ u.T  # noqa: E731
     pre = weight_inputs(data, {"audio": f})
     assert set(pre) == {"b"}  # side b holds audio; text has no transform
-    torch.testing.assert_close(pre["b"], f(data.xb))
+    torch.testing.assert_close(pre["b"].rows, f(data.xb))
     rows = torch.tensor([5, 19999, 0, 8192])
-    torch.testing.assert_close(take_rows(pre["b"], rows), f(data.select(rows).xb))
+    torch.testing.assert_close(pre["b"].batch(data.select(rows).xb, rows), f(data.select(rows).xb))
     assert weight_inputs(data, {"audio": f}, max_bytes=20000 * D * 4 - 1) == {}
+
+
+def test_a_factored_transform_keeps_its_prepared_part_per_step_and_finishes_each_batch():
+    """DNS's x (I − P) is kept as x U (k numbers per row): the batches' weight-gradient inputs are
+    the projection of their rows, and the step holds N × k numbers, not N × d."""
+    data = PairedFeatures.from_arrays(*generic_pairs(4, n=20000), ("text", "audio"), 1)
+    right = Projector.from_basis(torch.linalg.qr(torch.randn(D, 3, generator=torch.Generator().manual_seed(0)))[0])
+    dns = get_strategy("dns", lambda_min=0.02)
+    f = dns._projected_inputs(right)
+    assert isinstance(f, FactoredTransform)
+    pre = weight_inputs(data, {"text": f, "audio": f})
+    assert {s: tuple(p.rows.shape) for s, p in pre.items()} == {"a": (20000, 3), "b": (20000, 3)}
+    assert weight_inputs(data, {"audio": f}, max_bytes=20000 * 3 * 4 - 1) == {}   # sized by x U
+    rows = torch.tensor([5, 19999, 0, 8192])
+    batch = data.select(rows)
+    for side, x in (("a", batch.xa), ("b", batch.xb)):
+        got = pre[side].batch(x, rows)
+        assert torch.equal(got, f(x))       # the same products, on the batch's rows
+        torch.testing.assert_close(got, right.right_complement(x))
+        torch.testing.assert_close(got @ right.basis, torch.zeros(4, 3), atol=1e-5, rtol=0)   # in P's null space
+    # with project_bias the rows are [x, 1], d + 1 wide
+    g = get_strategy("dns", lambda_min=0.02, project_bias=True)._projected_inputs(
+        Projector.from_basis(torch.linalg.qr(torch.randn(D + 1, 3, generator=torch.Generator().manual_seed(1)))[0]))
+    assert tuple(weight_inputs(data, {"audio": g})["b"].batch(batch.xb, rows).shape) == (4, D + 1)
     mixed = PairedFeatures.concat([data.select(slice(0, 4)),
                                    PairedFeatures.from_arrays(*generic_pairs(5, n=4), ("video", "audio"), 2)])
     assert weight_inputs(mixed, {"audio": f}) == {}

@@ -32,6 +32,24 @@ class PairOutput:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FactoredTransform:
+    """A row-wise map of a learner's inputs, ``x ↦ finish(x, prepare(x))``, whose ``prepare`` part
+    gives a few numbers per row (DNS: ``x U``, k columns, for x (I − U Uᵀ)).
+
+    The trainer computes ``prepare`` once over a step's rows and ``finish`` per batch, from the
+    batch's rows and their prepared rows: the step then holds N × k numbers instead of N × d
+    transformed rows, and a batch gathers k numbers per row instead of d. Both parts are row-wise.
+    Called on a batch, it applies both (the route when a step's rows are not prepared).
+    """
+
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(x, self.prepare(x))
+
+
 class _GradInputLinear(torch.autograd.Function):
     """``x Wᵀ + b`` whose weight gradient is computed from other inputs ``xg`` (``δᵀ xg``).
 

@@ -30,7 +30,7 @@ from cmcl.data.paired import PairedFeatures, StepData, iter_batches, take_rows
 from cmcl.data.protocol import Protocol, load_protocol
 from cmcl.errors import RunError
 from cmcl.train.config import Harness, TrainConfig
-from cmcl.train.learners import ModalityLearners, PairOutput
+from cmcl.train.learners import FactoredTransform, ModalityLearners, PairOutput
 from cmcl.train.strategies import get_strategy
 from cmcl.train.strategies.base import Objective, Strategy, total_loss
 from cmcl.types import StepInfo
@@ -108,18 +108,34 @@ def higher_order_term(objective: Objective, old: PairOutput, new: PairOutput, lr
         return (after - before.detach() - first) / lr
 
 
-#: a step's weight-gradient inputs (:meth:`Strategy.weight_grad_inputs`) are transformed once, over
-#: all its rows, when the result takes at most this many bytes; otherwise each batch transforms its own
-#: rows (the same numbers up to rounding, the transform's work repeated every epoch)
+#: a step's weight-gradient inputs (:meth:`Strategy.weight_grad_inputs`) are transformed (or, for a
+#: :class:`FactoredTransform`, prepared) once, over all its rows, when the result takes at most this
+#: many bytes; otherwise each batch transforms its own rows (the same numbers up to rounding, the
+#: transform's work repeated every epoch)
 WEIGHT_INPUTS_BYTES = 2 << 30
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """One side's weight-gradient inputs of a step, over all of its rows: the transform's output
+    (``finish`` is None), or a :class:`FactoredTransform`'s prepared part, finished per batch."""
+
+    rows: torch.Tensor
+    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def batch(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The weight-gradient inputs of the batch ``rows`` of the step, whose inputs are ``x``."""
+        part = take_rows(self.rows, rows)
+        return part if self.finish is None else self.finish(x, part)
+
+
 def weight_inputs(train: PairedFeatures, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-                  max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+                  max_bytes: int | None = None) -> dict[str, StepInputs]:
     """Per side (``"a"``, ``"b"``) of a single-pair training set whose learner has a weight-gradient
-    transform, the transform of every row, for :meth:`ModalityLearners.forward_pairs`'s
-    ``weight_inputs``: the hook's transforms are row-wise, so a batch's rows of the result are the
-    transform of the batch (DNS: x (I − P) in one product per step instead of one per batch).
+    transform, that transform applied to every row (or, for a :class:`FactoredTransform`, its
+    ``prepare`` part), for :meth:`ModalityLearners.forward_pairs`'s ``weight_inputs`` through
+    :meth:`StepInputs.batch`: the hook's transforms are row-wise, so a batch's rows of the result
+    are the transform of the batch (DNS: x U in one product per step, x − (x U) Uᵀ per batch).
     Empty for a set mixing pairs, or when the result would take more than ``max_bytes``
     (default :data:`WEIGHT_INPUTS_BYTES`)."""
     max_bytes = WEIGHT_INPUTS_BYTES if max_bytes is None else max_bytes
@@ -128,15 +144,18 @@ def weight_inputs(train: PairedFeatures, transforms: dict[str, Callable[[torch.T
         return {}
     sides = [(s, transforms[m], x) for s, m, x in (("a", pair[0], train.xa), ("b", pair[1], train.xb))
              if m in transforms]
+    step_part = {s: f.prepare if isinstance(f, FactoredTransform) else f for s, f, _ in sides}
     with torch.no_grad():
-        if sum(len(train) * f(x[:1]).shape[1] * 4 for _, f, x in sides) > max_bytes:
+        if sum(len(train) * step_part[s](x[:1]).shape[1] * 4 for s, _, x in sides) > max_bytes:
             return {}
-        return {s: f(x) for s, f, x in sides}  # one product per side, written where it is kept
+        # one product per side, written where it is kept
+        return {s: StepInputs(step_part[s](x), f.finish if isinstance(f, FactoredTransform) else None)
+                for s, f, x in sides}
 
 
 def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatures, opt, sched, trained, clipped,
              harness: Harness, *, epochs: int, batch_size: int, gen: torch.Generator, bar,
-             objective: Objective | None = None, pre: dict[str, torch.Tensor] | None = None) -> list[dict]:
+             objective: Objective | None = None, pre: dict[str, StepInputs] | None = None) -> list[dict]:
     """The update loop of one step; returns every update's loss terms (and, given the run's
     ``objective``, the higher-order term of Theorem 6 as ``o_eta_over_eta`` on every
     :data:`HIGHER_ORDER_EVERY`-th update, NaN on the others). ``pre``: :func:`weight_inputs` of ``train``."""
@@ -148,7 +167,7 @@ def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatur
     for epoch in range(epochs):
         for rows in iter_batches(len(train), batch_size, gen):
             batch = train.select(rows)
-            batch_pre = {s: take_rows(t, rows) for s, t in (pre or {}).items()}
+            batch_pre = {s: t.batch(batch.xa if s == "a" else batch.xb, rows) for s, t in (pre or {}).items()}
 
             def closure():
                 for p in trained:

@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from cmcl.data.paired import PairedFeatures
-from cmcl.train.learners import PairOutput
+from cmcl.train.learners import FactoredTransform, PairOutput
 from cmcl.train.strategies.base import Strategy, param
 from cmcl.train.strategies.projection import Projector, project_out, projector_from_covariance
 from cmcl.types import StepInfo
@@ -145,11 +145,15 @@ class DNS(Strategy):
         """The fused route: the trainer computes the weight gradient of these learners from X (I − P)."""
         return {m: self._projected_inputs(self._proj[m][1]) for m in self._fused_now}
 
-    def _projected_inputs(self, right: Projector):
-        """x ↦ x (I − P) (over [x; 1] with ``project_bias``): the weight gradient then is G − G P."""
-        def transform(x: torch.Tensor) -> torch.Tensor:
-            return right.right_complement(_augment(x) if self.project_bias else x)
-        return transform
+    def _projected_inputs(self, right: Projector) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x ↦ x (I − P) (over [x; 1] with ``project_bias``): the weight gradient then is G − G P.
+        Factored as ``x U`` (k numbers per row, computed over the step's rows once) and the batch's
+        x − (x U) Uᵀ, so a step holds N × k numbers instead of its N × d projected rows."""
+        aug = _augment if self.project_bias else (lambda x: x)
+        if right.basis is None:   # P = I: the weight gradient is zero
+            return lambda x: right.right_complement(aug(x))
+        prepare, finish = right.complement_parts()
+        return FactoredTransform(lambda x: prepare(aug(x)), lambda x, xu: finish(aug(x), xu))
 
     # ------------------------------------------------------------------ gradient projection
     def _sides(self, batch: PairedFeatures):

@@ -8,6 +8,7 @@ and the zero projector are special-cased and cost nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,10 +89,24 @@ class Projector:
             return m
         if self.is_identity:
             return torch.zeros_like(m)
+        prepare, finish = self.complement_parts()
+        return finish(m, prepare(m))
+
+    def complement_parts(self) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                        Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """``m @ (I - P)`` as ``finish(m, prepare(m))``, both row-wise: ``prepare(m) = m B`` (r × k, B the
+        stored basis) and ``finish`` the rest (``m - mB Bᵀ``, or ``mB Bᵀ`` for a complement basis).
+        :meth:`right_complement` is exactly this; for projectors with a basis only."""
+        if self.basis is None:
+            raise ValueError("the zero and identity projectors have no basis to factor by")
         u = self.basis
+
+        def prepare(m: torch.Tensor) -> torch.Tensor:
+            return m @ u
+
         if self.complement:
-            return (m @ u) @ u.T
-        return torch.addmm(m, m @ u, u.T, alpha=-1)
+            return prepare, lambda m, mu: mu @ u.T
+        return prepare, lambda m, mu: torch.addmm(m, mu, u.T, alpha=-1)
 
     def left(self, m: torch.Tensor) -> torch.Tensor:
         """``P @ m`` for m of shape (d, r)."""
