@@ -1,14 +1,15 @@
-"""DNS's projected inputs x (I − P): once per step (the default) against once per batch, beside vanilla.
+"""DNS's projected inputs x (I − P): x U once per step (the default) against once per batch, beside vanilla.
 
     python benchmarks/bench_dns_inputs.py [--reps 16] [--rank 40] [--rows 4000] [--dim 1024] [--micro]
 
 Step 1 trains on pairs of rank ``--rank`` (so DNS protects about that many input directions of
 both learners), step 2 on ``--rows`` generic pairs for 5 epochs of batch 64 under the paper harness
 (no clipping: DNS's fused route). Each repetition times step 2 for vanilla, DNS projecting every
-batch's rows (``WEIGHT_INPUTS_BYTES = 0``) and DNS projecting the step's rows once, in alternating
-order. Prints ms per update (the step's per-step work included) and the ratios of paired
+batch's rows (``WEIGHT_INPUTS_BYTES = 0``) and DNS computing x U over the step's rows once (each
+batch then forms its rows of x − (x U) Uᵀ), in alternating order. Prints ms per update (the step's per-step work included) and the ratios of paired
 repetitions: on a noisy 2-core machine the ratios of runs taken side by side are what to compare.
-``--micro`` times one learner's forward and backward pass per route instead (``micro``).
+``--micro`` times one learner's forward and backward pass per route instead (``micro``), the
+route that gathered the rows of the step's x (I − P) included.
 """
 
 from __future__ import annotations
@@ -60,16 +61,17 @@ def time_step(route: str, first: PairedFeatures, second: PairedFeatures, dim: in
 
 
 def micro(rows: int, dim: int, rank: int, chunks: int = 60, batch: int = 64) -> None:
-    """One learner's forward and backward per update: a plain ``nn.Linear``, the weight gradient from
-    x (I − P) projected per batch, and from the rows of the step's projection; chunks of 50 updates
-    in alternating order, the paired extra over plain reported."""
+    """One learner's forward and backward per update: a plain ``nn.Linear``, and the weight gradient
+    from x (I − P) projected per batch, from the batch's rows of the step's projection (the route
+    before issue 14's ninth session), and from the batch's rows of the step's x U (the current
+    route); chunks of 50 updates in alternating order, the paired extra over plain reported."""
     from cmcl.data.paired import take_rows
     from cmcl.train.learners import _GradInputLinear
 
     x_all = torch.randn(rows, dim)
     u = torch.linalg.qr(torch.randn(dim, rank))[0]
     project = lambda x: torch.addmm(x, x @ u, u.T, alpha=-1)  # noqa: E731
-    projected = project(x_all)
+    projected, xu = project(x_all), x_all @ u
     layer, gz, gen = torch.nn.Linear(dim, dim), torch.randn(batch, dim), torch.Generator().manual_seed(0)
 
     def run(route: str, idx: torch.Tensor) -> None:
@@ -77,11 +79,16 @@ def micro(rows: int, dim: int, rank: int, chunks: int = 60, batch: int = 64) -> 
         if route == "plain":
             z = layer(x)
         else:
-            xg = project(x) if route == "per batch" else take_rows(projected, idx)
+            if route == "per batch":
+                xg = project(x)
+            elif route == "x (I-P) rows":
+                xg = take_rows(projected, idx)
+            else:
+                xg = torch.addmm(x, take_rows(xu, idx), u.T, alpha=-1)
             z = _GradInputLinear.apply(x, xg, layer.weight, layer.bias)
         z.backward(gz)
 
-    routes = ("plain", "per batch", "per step")
+    routes = ("plain", "per batch", "x (I-P) rows", "x U rows")
     times: dict[str, list[float]] = {r: [] for r in routes}
     for c in range(chunks):
         for route in routes if c % 2 == 0 else routes[::-1]:
@@ -94,7 +101,7 @@ def micro(rows: int, dim: int, rank: int, chunks: int = 60, batch: int = 64) -> 
     t = {r: np.array(v) for r, v in times.items()}
     print(f"one learner, {rows} rows, k = {rank}, torch threads {torch.get_num_threads()}, {chunks} chunks of 50 updates")
     for r in routes:
-        print(f"{r:10s} median {np.median(t[r]):.3f} ms per update; paired extra over plain: median "
+        print(f"{r:12s} median {np.median(t[r]):.3f} ms per update; paired extra over plain: median "
               f"{np.median(t[r] - t['plain']):.3f} ms")
 
 

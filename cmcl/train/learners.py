@@ -146,8 +146,9 @@ class ModalityLearners(nn.Module):
         gradient for both), and their outputs are returned in ``out.extra``.
 
         ``weight_inputs`` maps a side (``"a"``, ``"b"``) whose rows are all one modality to that
-        learner's ``grad_inputs`` of the batch's rows, computed beforehand (the trainer transforms a
-        step's rows once, not every batch); ignored for a learner given ``extra`` rows.
+        learner's ``grad_inputs`` of the batch's rows, computed beforehand (by the trainer, from
+        what it computed over the step's rows once: ``trainer.StepInputs``); ignored for a learner
+        given ``extra`` rows.
         """
         pending, outputs, pre = dict(extra or {}), {}, weight_inputs or {}
         u = self._apply_rows(batch.ma, batch.xa, pending, outputs, pre.get("a"))

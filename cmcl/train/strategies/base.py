@@ -154,7 +154,9 @@ class Strategy:
         """Per modality, a map of the inputs from which the trainer's backward computes the *weight*
         gradient during ``step`` (outputs and other gradients are unchanged): DNS's fused projection.
         Each map is row-wise (an output row depends on its input row only): the trainer applies it
-        to all of the step's rows at once where memory allows (``trainer.weight_inputs``)."""
+        to all of the step's rows at once where memory allows (``trainer.weight_inputs``), or, for a
+        :class:`~cmcl.train.learners.FactoredTransform`, its ``prepare`` part, and finishes each
+        batch's rows from their prepared rows."""
         return {}
 
     def optimizer_groups(self, step: StepInfo) -> list[dict[str, Any]]:
