@@ -6,8 +6,9 @@ Step 1 trains on pairs of rank ``--rank`` (so DNS protects about that many input
 both learners), step 2 on ``--rows`` generic pairs for 5 epochs of batch 64 under the paper harness
 (no clipping: DNS's fused route). Each repetition times step 2 for vanilla, DNS projecting every
 batch's rows (``WEIGHT_INPUTS_BYTES = 0``) and DNS computing x U over the step's rows once (each
-batch then forms its rows of x − (x U) Uᵀ), in alternating order. Prints ms per update (the step's per-step work included) and the ratios of paired
-repetitions: on a noisy 2-core machine the ratios of runs taken side by side are what to compare.
+batch then forms its rows of x − (x U) Uᵀ), in alternating order. Prints ms per update (the step's
+per-step work included) and the ratios of paired repetitions: on a noisy 2-core machine the
+ratios of runs taken side by side are what to compare.
 ``--micro`` times one learner's forward and backward pass per route instead (``micro``), the
 route that gathered the rows of the step's x (I − P) included.
 """

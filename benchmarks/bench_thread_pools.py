@@ -5,7 +5,8 @@ a pool of worker threads, and after a product those threads spin for a while wai
 work. When the two libraries take turns, as scoring did (a pool's inner products in numpy, the
 next split's embedding through the learners in torch), each product starts while the other
 library's threads still hold the cores. This benchmark times the same torch product after a
-numpy product and after a torch product of the same shape, taking turns in one loop:
+numpy product and after a torch product of the same shape, in blocks of rounds of each kind, the
+kinds of block alternating (the spinning outlasts a round, so one block holds one kind):
 
     python benchmarks/bench_thread_pools.py                  # scoring's shapes, 200 rounds
     python benchmarks/bench_thread_pools.py --rows 8192      # DNS's Gram block (Bᵀ B) before the learners
@@ -54,8 +55,7 @@ def main() -> None:
             f()
     after = {"numpy": [], "torch": []}
     own = {"numpy": [], "torch": []}
-    # blocks of rounds, one library's product then torch's in each round, the two kinds of block
-    # alternating (the spinning outlasts a round, so the kinds are not mixed within a block)
+    # in each round one library's product, then torch's; the kinds of block alternate
     for r in range(args.rounds // args.block):
         lib = ("numpy", "torch")[r % 2]
         for _ in range(args.block):

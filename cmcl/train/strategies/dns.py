@@ -30,10 +30,10 @@ Speed: with ``Q = I`` (the default), the projected gradient is ``G − G P = δ�
 trainer does not clip gradients DNS hands autograd the projected inputs for the weight gradient
 (its ``weight_grad_inputs`` hook): the trainer computes X U over the step's rows once, O(N·d·k)
 per step and N × k numbers kept, and each batch forms its rows of X − (X U) Uᵀ from its rows of
-X U, instead of a d×d correction per batch. It is the same update; ``fused=False`` turns it off. With clipping (reference harness)
-the hook route runs, which projects the clipped raw gradient as the authors do. The output
-covariances are accumulated only when something reads them (``lambda_left > 0`` or
-``energy_out``), and a step reuses the Gram matrix of rows an earlier step already summed (tvl
+X U, instead of a d×d correction per batch. It is the same update; ``fused=False`` turns it off.
+With clipping (reference harness) the hook route runs, which projects the clipped raw gradient
+as the authors do. The output covariances are accumulated only when something reads them
+(``lambda_left > 0`` or ``energy_out``), and a step reuses the Gram matrix of rows an earlier step already summed (tvl
 and vggsound_s train each modality twice): it recognises the very same input tensor, which the
 trainer's loader hands to every step of a dataset, by a weak reference, so the cache never keeps
 a finished dataset's rows in memory.

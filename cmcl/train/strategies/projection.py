@@ -94,9 +94,9 @@ class Projector:
 
     def complement_parts(self) -> tuple[Callable[[torch.Tensor], torch.Tensor],
                                         Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """``m @ (I - P)`` as ``finish(m, prepare(m))``, both row-wise: ``prepare(m) = m B`` (r × k, B the
-        stored basis) and ``finish`` the rest (``m - mB Bᵀ``, or ``mB Bᵀ`` for a complement basis).
-        :meth:`right_complement` is exactly this; for projectors with a basis only."""
+        """``m @ (I - P)`` as ``finish(m, prepare(m))``, both row-wise: ``prepare(m) = m B``
+        (r × k, B the stored basis) and ``finish`` the rest (``m - mB Bᵀ``, or ``mB Bᵀ`` for a
+        complement basis). :meth:`right_complement` is exactly this; for projectors with a basis."""
         if self.basis is None:
             raise ValueError("the zero and identity projectors have no basis to factor by")
         u = self.basis
