@@ -33,10 +33,10 @@ per step and N × k numbers kept, and each batch forms its rows of X − (X U) U
 X U, instead of a d×d correction per batch. It is the same update; ``fused=False`` turns it off.
 With clipping (reference harness) the hook route runs, which projects the clipped raw gradient
 as the authors do. The output covariances are accumulated only when something reads them
-(``lambda_left > 0`` or ``energy_out``), and a step reuses the Gram matrix of rows an earlier step already summed (tvl
-and vggsound_s train each modality twice): it recognises the very same input tensor, which the
-trainer's loader hands to every step of a dataset, by a weak reference, so the cache never keeps
-a finished dataset's rows in memory.
+(``lambda_left > 0`` or ``energy_out``), and a step reuses the Gram matrix of rows an earlier
+step already summed (tvl and vggsound_s train each modality twice): it recognises the very same
+input tensor, which the trainer's loader hands to every step of a dataset, by a weak reference,
+so the cache never keeps a finished dataset's rows in memory.
 """
 
 from __future__ import annotations
