@@ -1,5 +1,6 @@
 """The profiling scripts of ``benchmarks/`` at a tiny size, in a fresh interpreter: every phase of a
-run is timed, and each as many times as the protocol makes it happen."""
+run is timed, and each as many times as the protocol makes it happen; the micro-benchmarks time
+every case they name."""
 
 from __future__ import annotations
 
@@ -27,3 +28,23 @@ def test_a_missing_cache_is_one_line_and_status_2(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
         assert lines[0].startswith(script[:-3] + ": ") and "no such feature file" in lines[0]
+
+
+def test_the_thread_pool_benchmark_times_a_torch_product_after_each_kind():
+    r = run_process(["benchmarks/bench_thread_pools.py", "--rows", "12", "--dim", "16", "--batch", "8",
+                     "--rounds", "8", "--block", "2"], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = dict(re.findall(r"^  (numpy|torch) product of 12 x 16 \(A Aᵀ\):\s+[\d.]+ ms;  then torch's 8 x 16 "
+                            r"by 16 x 16:\s+([\d.]+) ms$", r.stdout, re.MULTILINE))
+    assert set(after) == {"numpy", "torch"}, r.stdout
+    assert re.search(r"^a turn from numpy to torch costs torch's product [+-][\d.]+ ms \([\d.]+x\)$", r.stdout,
+                     re.MULTILINE), r.stdout
+
+
+def test_the_micro_benchmark_of_dns_inputs_times_every_route():
+    r = run_process(["benchmarks/bench_dns_inputs.py", "--micro", "--rows", "300", "--dim", "16", "--rank", "3"],
+                    timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    routes = re.findall(r"^(.+?)\s+median [\d.]+ ms per update; paired extra over plain: median -?[\d.]+ ms$",
+                        r.stdout, re.MULTILINE)
+    assert routes == ["plain", "per batch", "x (I-P) rows", "x U rows"], r.stdout
