@@ -117,16 +117,21 @@ WEIGHT_INPUTS_BYTES = 2 << 30
 
 @dataclass(frozen=True)
 class StepInputs:
-    """One side's weight-gradient inputs of a step, over all of its rows: the transform's output
-    (``finish`` is None), or a :class:`FactoredTransform`'s prepared part, finished per batch."""
+    """One side's weight-gradient inputs of a step: what was computed over all of its rows (a
+    transform's output, or a :class:`FactoredTransform`'s prepared part) and how a batch's rows of
+    it are finished."""
 
     rows: torch.Tensor
-    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
     def batch(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The weight-gradient inputs of the batch ``rows`` of the step, whose inputs are ``x``."""
-        part = take_rows(self.rows, rows)
-        return part if self.finish is None else self.finish(x, part)
+        return self.finish(x, take_rows(self.rows, rows))
+
+
+def _factored(f: Callable[[torch.Tensor], torch.Tensor]) -> FactoredTransform:
+    """``f`` as a :class:`FactoredTransform`; a plain transform is all ``prepare``."""
+    return f if isinstance(f, FactoredTransform) else FactoredTransform(f, lambda x, fx: fx)
 
 
 def weight_inputs(train: PairedFeatures, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
@@ -142,15 +147,12 @@ def weight_inputs(train: PairedFeatures, transforms: dict[str, Callable[[torch.T
     pair = train.single_pair
     if pair is None or not transforms:
         return {}
-    sides = [(s, transforms[m], x) for s, m, x in (("a", pair[0], train.xa), ("b", pair[1], train.xb))
-             if m in transforms]
-    step_part = {s: f.prepare if isinstance(f, FactoredTransform) else f for s, f, _ in sides}
+    sides = [(s, _factored(transforms[m]), x)
+             for s, m, x in (("a", pair[0], train.xa), ("b", pair[1], train.xb)) if m in transforms]
     with torch.no_grad():
-        if sum(len(train) * step_part[s](x[:1]).shape[1] * 4 for s, _, x in sides) > max_bytes:
+        if sum(len(train) * f.prepare(x[:1]).shape[1] * 4 for _, f, x in sides) > max_bytes:
             return {}
-        # one product per side, written where it is kept
-        return {s: StepInputs(step_part[s](x), f.finish if isinstance(f, FactoredTransform) else None)
-                for s, f, x in sides}
+        return {s: StepInputs(f.prepare(x), f.finish) for s, f, x in sides}  # one product per side
 
 
 def _updates(learners: ModalityLearners, strategy: Strategy, train: PairedFeatures, opt, sched, trained, clipped,
