@@ -185,7 +185,8 @@ def test_projected_gradient_keeps_every_shared_step_non_negative(clip, hooks):
     for m in ("video", "vision", "depth"):
         assert all(p.grad is None for p in learners[m].parameters())
     report = gem.report()
-    assert report["gem/projected_fraction"] == 1.0 and report["gem/multiplier_max"] >= 0.5
+    # quadprog meets v >= margin to its rounding (0.49999999999999994 seen on an AMD EPYC machine)
+    assert report["gem/projected_fraction"] == 1.0 and report["gem/multiplier_max"] >= 0.5 - 1e-12
     assert report["buffer/step_1"] == 8 and report["gem/constraints_per_update"] == 2
     assert -1.0 <= report["gem/min_cosine"] < 0
 

@@ -261,8 +261,10 @@ class DNS(Strategy):
             block = x[i:i + _BLOCK]
             for lo, hi in zip(cuts, cuts[1:]):
                 gram[lo:hi, lo:] += (block[:, lo:hi].T @ block[:, lo:]).to(torch.float64)
-        for lo, hi in zip(cuts, cuts[1:]):
-            gram[hi:, lo:hi] = gram[lo:hi, hi:].T
+        # the lower triangle is the upper one's transpose, inside the diagonal blocks too: a product
+        # BᵀB need not come out exactly symmetric (it did with MKL on Intel, not on AMD EPYC)
+        lower = torch.tril_indices(d, d, -1, device=x.device)
+        gram[lower[0], lower[1]] = gram[lower[1], lower[0]]
         return gram
 
     @staticmethod
