@@ -48,3 +48,19 @@ def test_the_micro_benchmark_of_dns_inputs_times_every_route():
     routes = re.findall(r"^(.+?)\s+median [\d.]+ ms per update; paired extra over plain: median -?[\d.]+ ms$",
                         r.stdout, re.MULTILINE)
     assert routes == ["plain", "per batch", "x (I-P) rows", "x U rows"], r.stdout
+
+
+def test_the_replay_floor_benchmark_prints_the_floor_beside_the_measured_ratio():
+    r = run_process(["benchmarks/bench_replay_floor.py", "--dim", "64", "--pairs", "256", "--history", "256",
+                     "--blocks", "3", "--reps", "3"], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 blocks" in r.stdout.splitlines()[0], r.stdout
+    lines = dict(re.findall(r"^(\S.*?\S)\s+median (-?[\d.]+)(?: ms)? \(-?[\d.]+--?[\d.]+\)$", r.stdout, re.MULTILINE))
+    assert list(lines) == ["vanilla update", "derpp update", "one learner, 64 rows", "one learner, 192 rows",
+                           "derpp / vanilla", "floor 1 + 2 (t192 - t64) / vanilla", "derpp own work per update"], r.stdout
+    assert float(lines["derpp update"]) > 0 and float(lines["vanilla update"]) > 0
+
+
+def test_the_replay_floor_benchmark_needs_a_block_to_keep():
+    r = run_process(["benchmarks/bench_replay_floor.py", "--blocks", "1"], timeout=120)
+    assert r.returncode == 2 and "--blocks must be at least 2" in r.stderr, r.stderr[-2000:]
